@@ -1,0 +1,128 @@
+"""Finding and safely reading checkpoint files, locally or on the Hugging Face hub.
+
+Only tensors are ever read: ``.safetensors`` files, or ``.bin`` files through ``torch.load(weights_only=True)``,
+which refuses any pickle that would construct arbitrary objects or run code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+__all__ = ['CheckpointError', 'resolve_folder', 'read_json', 'load_state_dict', 'backbone_config']
+
+_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+_INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
+
+# google-bert/bert-base-uncased, the backbone of every released Hypencoder. Knowing it lets a downloaded
+# checkpoint folder open offline; transformers' BertConfig defaults are exactly this model.
+_KNOWN_BACKBONES = ('google-bert/bert-base-uncased', 'bert-base-uncased')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: missing, unsafe, or not matching its config."""
+
+
+def resolve_folder(name_or_path: str | os.PathLike) -> Path:
+    """Returns a local folder for a checkpoint: the path itself, or a hub snapshot (downloaded once, then cached).
+
+    Args:
+        name_or_path: a local folder, or a hub repository id such as ``jfkback/hypencoder.6_layer``.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f'{path} is a file; pass the folder that holds config.json and the weights')
+    name = str(name_or_path)
+    if name.startswith(('.', '/', '~')) or name.count('/') > 1:
+        raise CheckpointError(f'checkpoint folder {name} does not exist')
+    from huggingface_hub import snapshot_download
+    try:
+        # Prefer safetensors; fetch a .bin only where a repository has no safetensors file.
+        folder = Path(snapshot_download(name, allow_patterns=['*.json', '*.txt', '*.safetensors', '*.model']))
+        if not any((folder / f).exists() for f in (_WEIGHT_FILES[0], _INDEX_FILES[0])):
+            folder = Path(snapshot_download(name, allow_patterns=['*.json', '*.txt', '*.bin', '*.model']))
+    except Exception as e:  # the hub client raises many types: offline, missing repo, auth
+        raise CheckpointError(f'{name} is neither a local folder nor a reachable Hugging Face repository '
+                              f'({type(e).__name__}: {e}). Pass a folder path, or go online once to cache it.') from e
+    return folder
+
+
+def read_json(path: Path) -> dict:
+    """Reads a JSON file, with an error that names the file when it is missing or corrupt."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path} is missing') from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f'{path} is not valid JSON ({e}); the file is corrupt or truncated') from None
+
+
+def _load_file(path: Path) -> Dict[str, torch.Tensor]:
+    if path.suffix == '.safetensors':
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f'{path} is not a readable safetensors file ({e}); it may be truncated') from None
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'refusing to load {path}: it is a pickle that holds more than tensors, and unpickling it could run '
+            f'arbitrary code ({str(e).splitlines()[0]}). Only load checkpoints you trust; convert trusted ones to '
+            'safetensors.') from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({e}); it may be truncated') from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f'{path} does not hold a state dict of tensors')
+    return state
+
+
+def load_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
+    """Reads all weights of a checkpoint folder (single or sharded, safetensors preferred).
+
+    Raises:
+        CheckpointError: if no weight file is found, or a file is unsafe or unreadable.
+    """
+    for name in _WEIGHT_FILES:
+        if (folder / name).exists():
+            return _load_file(folder / name)
+    for name in _INDEX_FILES:
+        if (folder / name).exists():
+            shards = sorted(set(read_json(folder / name)['weight_map'].values()))
+            state: Dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(_load_file(folder / shard))
+            return state
+    raise CheckpointError(f'no weights in {folder}: expected one of {", ".join(_WEIGHT_FILES + _INDEX_FILES)}')
+
+
+def backbone_config(model_name_or_path: str, checkpoint_folder: Optional[Path] = None):
+    """The transformers config of a backbone named by a checkpoint.
+
+    Looks for ``model_name_or_path`` relative to the checkpoint folder first, then as a path, then on the hub.
+    The released checkpoints' backbone (bert-base-uncased) is known without the hub.
+    """
+    from transformers import AutoConfig, BertConfig
+    candidates = []
+    if checkpoint_folder is not None:
+        candidates.append(Path(checkpoint_folder) / model_name_or_path)
+    candidates.append(Path(model_name_or_path).expanduser())
+    for c in candidates:
+        if (c / 'config.json').exists():
+            return AutoConfig.from_pretrained(str(c))
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path)
+    except Exception as e:
+        if model_name_or_path in _KNOWN_BACKBONES:
+            return BertConfig()
+        raise CheckpointError(f'cannot find the backbone config {model_name_or_path!r} (looked in '
+                              f'{", ".join(str(c) for c in candidates)} and on the hub: {e})') from None

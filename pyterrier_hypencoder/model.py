@@ -1,0 +1,396 @@
+"""The Hypencoder model: a backbone encoder, a hyperhead for queries, and pooled vectors for documents."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, backbone_config, load_state_dict, read_json, resolve_folder
+from .hyperhead import HyperHead
+from .qnet import QNets, QNetSpec
+
+__all__ = ['Hypencoder', 'default_device']
+
+FORMAT_NAME = 'pyterrier-hypencoder'
+FORMAT_VERSION = 1
+_WEIGHTS = 'model.safetensors'
+_POOLINGS = ('cls', 'mean')
+
+DTypeLike = Union[None, str, torch.dtype]
+
+
+def default_device(device: Union[None, str, torch.device] = None) -> torch.device:
+    """``device`` if given, else cuda when available, else cpu."""
+    if device is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(device)
+
+
+def _dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {'fp32': torch.float32, 'float32': torch.float32, 'fp16': torch.float16, 'float16': torch.float16,
+             'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp64': torch.float64, 'float64': torch.float64}
+    if dtype not in names:
+        raise ValueError(f'unknown dtype {dtype!r}; use one of {sorted(names)}')
+    return names[dtype]
+
+
+def _backbone_from_config(config) -> nn.Module:
+    from transformers import AutoModel
+    return AutoModel.from_config(config)
+
+
+def _load_into(module: nn.Module, state: dict, what: str) -> None:
+    """load_state_dict with errors that name the mismatching tensors."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
+             for k in own if k in state and state[k].shape != own[k].shape]
+    # Non-persistent buffers like position_ids appear in some transformers versions' state dicts only.
+    missing = [k for k in missing if not k.endswith(('position_ids', 'token_type_ids'))]
+    unexpected = [k for k in unexpected if not k.endswith(('position_ids', 'token_type_ids'))]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append('wrong shapes: ' + '; '.join(wrong[:5]))
+        if missing:
+            parts.append(f'missing {len(missing)} tensors, e.g. {missing[:3]}')
+        if unexpected:
+            parts.append(f'unexpected {len(unexpected)} tensors, e.g. {unexpected[:3]}')
+        raise CheckpointError(f'the checkpoint does not fit the {what} its config describes: ' + ', '.join(parts))
+    module.load_state_dict(state, strict=False)
+
+
+class Hypencoder(nn.Module):
+    """A Hypencoder: queries become q-nets, documents become vectors, and ``q_net(doc_vector)`` is the score.
+
+    Load a released checkpoint with :meth:`from_pretrained`, start training from any Hugging Face encoder with
+    :meth:`from_backbone`, and save with :meth:`save_pretrained`.
+
+    Example::
+
+        model = Hypencoder.from_pretrained('jfkback/hypencoder.6_layer')
+        qnets = model.encode_queries(['how many states are there in india'])
+        docs = model.encode_docs(['India has 28 states and 8 union territories.'])
+        qnets.score(docs)   # tensor [1, 1]
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer, spec: QNetSpec, *, doc_backbone: Optional[nn.Module] = None,
+                 pooling: str = 'cls', query_max_length: int = 64, doc_max_length: int = 512,
+                 name_or_path: Optional[str] = None):
+        """
+        Args:
+            backbone: a Hugging Face encoder (e.g. ``BertModel``) for queries, and for documents when
+                ``doc_backbone`` is None (the released models share one encoder).
+            tokenizer: its tokenizer.
+            spec: the q-net architecture; ``spec.vector_dimensions[0]`` must equal the document vector size.
+            doc_backbone: a separate document encoder, or None to share ``backbone``.
+            pooling: document pooling, ``cls`` (the paper) or ``mean`` (masked mean of token states).
+            query_max_length: query tokens kept, special tokens included.
+            doc_max_length: document tokens kept, special tokens included.
+            name_or_path: where the model came from, recorded in indexes built with it.
+        """
+        super().__init__()
+        if pooling not in _POOLINGS:
+            raise ValueError(f'unknown pooling {pooling!r}; use one of {_POOLINGS}')
+        self.backbone = backbone
+        self.doc_backbone = doc_backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.query_max_length = int(query_max_length)
+        self.doc_max_length = int(doc_max_length)
+        self.name_or_path = name_or_path
+        hidden = backbone.config.hidden_size
+        doc_hidden = (doc_backbone or backbone).config.hidden_size
+        if spec.vector_dimensions[0] != doc_hidden:
+            raise ValueError(f'the q-net input size ({spec.vector_dimensions[0]}) must equal the document encoder\'s '
+                             f'hidden size ({doc_hidden})')
+        self.hyperhead = HyperHead(spec, hidden)
+
+    # ---- construction ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(cls, encoder_name_or_path: str, qnet_layers: int = 6, *, qnet_width: Optional[int] = None,
+                      pooling: str = 'cls', query_max_length: int = 64, doc_max_length: int = 512,
+                      seed: int = 0, device=None, dtype: DTypeLike = None) -> Hypencoder:
+        """A new Hypencoder on a pretrained encoder, with a freshly initialised hyperhead (for training).
+
+        Args:
+            encoder_name_or_path: a Hugging Face encoder folder or hub name (e.g. bert-base-uncased, MiniLM).
+            qnet_layers: q-net depth counted as the paper does: hidden blocks plus the final matrix (so 6 means
+                five hidden blocks).
+            qnet_width: hidden width of the q-net; must equal the encoder's hidden size when residuals are used
+                (the default, and the paper's architecture).
+            pooling: document pooling, ``cls`` or ``mean``.
+            query_max_length: query tokens kept.
+            doc_max_length: document tokens kept.
+            seed: seed of the hyperhead initialisation.
+            device: where to put the model; None means cuda when available.
+            dtype: ``fp32`` (default), ``bf16`` or ``fp16``.
+        """
+        from transformers import AutoModel, AutoTokenizer
+        if qnet_layers < 1:
+            raise ValueError(f'qnet_layers must be >= 1; got {qnet_layers}')
+        backbone = AutoModel.from_pretrained(str(encoder_name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(str(encoder_name_or_path))
+        hidden = backbone.config.hidden_size
+        width = qnet_width or hidden
+        spec = QNetSpec(vector_dimensions=(hidden,) + (width,) * (qnet_layers - 1) + (1,))
+        model = cls(backbone, tokenizer, spec, pooling=pooling, query_max_length=query_max_length,
+                    doc_max_length=doc_max_length, name_or_path=str(encoder_name_or_path))
+        model.hyperhead.reset_parameters(torch.Generator().manual_seed(seed))
+        return model._place(device, dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike], *, query_max_length: Optional[int] = None,
+                        doc_max_length: Optional[int] = None, device=None, dtype: DTypeLike = None) -> Hypencoder:
+        """Loads a Hypencoder: a released checkpoint (``jfkback/hypencoder.6_layer``) or one saved by this package.
+
+        Args:
+            name_or_path: a local folder or a Hugging Face hub repository id.
+            query_max_length: query tokens kept (default: the checkpoint's, else 64).
+            doc_max_length: document tokens kept (default: the checkpoint's, else 512).
+            device: where to put the model; None means cuda when available.
+            dtype: ``fp32`` (default), ``bf16`` or ``fp16``.
+
+        Raises:
+            CheckpointError: missing files, unsafe pickles, or weights that do not fit the config.
+        """
+        folder = resolve_folder(name_or_path)
+        config = read_json(folder / 'config.json')
+        if FORMAT_NAME in config:
+            model = cls._from_own_format(folder, config[FORMAT_NAME])
+        elif 'query_encoder_kwargs' in config:
+            model = cls._from_reference_format(folder, config)
+        else:
+            raise CheckpointError(f'{folder / "config.json"} is neither a pyterrier-hypencoder nor a released Hypencoder '
+                                  'config (no query_encoder_kwargs). To start from a plain encoder use '
+                                  'Hypencoder.from_backbone.')
+        model.name_or_path = str(name_or_path)
+        if query_max_length is not None:
+            model.query_max_length = int(query_max_length)
+        if doc_max_length is not None:
+            model.doc_max_length = int(doc_max_length)
+        return model._place(device, dtype)
+
+    @classmethod
+    def _from_reference_format(cls, folder: Path, config: dict) -> Hypencoder:
+        q_kwargs = config['query_encoder_kwargs']
+        d_kwargs = config.get('passage_encoder_kwargs', {})
+        spec = QNetSpec.from_converter_kwargs(q_kwargs.get('converter_kwargs', {}))
+        shared = bool(config.get('shared_encoder', False))
+        backbone_name = q_kwargs.get('model_name_or_path')
+        if not backbone_name:
+            raise CheckpointError(f'{folder / "config.json"} names no backbone (query_encoder_kwargs.model_name_or_path)')
+        backbone = _backbone_from_config(backbone_config(backbone_name, folder))
+        doc_backbone = None
+        if not shared:
+            doc_backbone = _backbone_from_config(backbone_config(d_kwargs.get('model_name_or_path', backbone_name), folder))
+        state = load_state_dict(folder)
+        tokenizer = cls._tokenizer(folder, backbone_name)
+        model = cls(backbone, tokenizer, spec, doc_backbone=doc_backbone, pooling=d_kwargs.get('pooling_type', 'cls'))
+        q_prefix, d_prefix, h_prefix = 'query_encoder.transformer.', 'passage_encoder.transformer.', 'query_encoder.'
+        _load_into(model.backbone, {k[len(q_prefix):]: v for k, v in state.items() if k.startswith(q_prefix)},
+                   'query encoder')
+        if doc_backbone is not None:
+            _load_into(doc_backbone, {k[len(d_prefix):]: v for k, v in state.items() if k.startswith(d_prefix)},
+                       'passage encoder')
+        _load_into(model.hyperhead, {k[len(h_prefix):]: v for k, v in state.items()
+                                     if k.startswith(h_prefix) and not k.startswith(q_prefix)}, 'hyperhead')
+        return model
+
+    @classmethod
+    def _from_own_format(cls, folder: Path, meta: dict) -> Hypencoder:
+        from transformers import AutoConfig
+        if meta.get('format_version', 0) > FORMAT_VERSION:
+            raise CheckpointError(f'{folder} was saved by a newer pyterrier-hypencoder (format '
+                                  f'{meta["format_version"]}); upgrade the package')
+        spec = QNetSpec(**meta['qnet'])
+        backbone = _backbone_from_config(AutoConfig.from_pretrained(str(folder / 'backbone')))
+        doc_backbone = None
+        if not meta.get('shared_encoder', True):
+            doc_backbone = _backbone_from_config(AutoConfig.from_pretrained(str(folder / 'doc_backbone')))
+        model = cls(backbone, cls._tokenizer(folder, None), spec, doc_backbone=doc_backbone,
+                    pooling=meta.get('pooling', 'cls'), query_max_length=meta.get('query_max_length', 64),
+                    doc_max_length=meta.get('doc_max_length', 512))
+        _load_into(model, load_state_dict(folder), 'model')
+        return model
+
+    @staticmethod
+    def _tokenizer(folder: Path, fallback: Optional[str]):
+        from transformers import AutoTokenizer
+        if any((folder / f).exists() for f in ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json')):
+            return AutoTokenizer.from_pretrained(str(folder))
+        if fallback is None:
+            raise CheckpointError(f'{folder} has no tokenizer files')
+        local = folder / fallback
+        return AutoTokenizer.from_pretrained(str(local) if (local / 'tokenizer_config.json').exists() else fallback)
+
+    def _place(self, device, dtype: DTypeLike) -> Hypencoder:
+        self.to(device=default_device(device), dtype=_dtype(dtype) or torch.float32)
+        return self.eval()
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
+        """Saves weights (safetensors), configs and tokenizer, so :meth:`from_pretrained` restores the model exactly.
+
+        Args:
+            folder: the folder to write; created if missing.
+        """
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backbone.config.save_pretrained(str(folder / 'backbone'))
+        if self.doc_backbone is not None:
+            self.doc_backbone.config.save_pretrained(str(folder / 'doc_backbone'))
+        self.tokenizer.save_pretrained(str(folder))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / _WEIGHTS), metadata={'format': 'pt'})
+        config = {FORMAT_NAME: {
+            'format_version': FORMAT_VERSION,
+            'qnet': self.spec.to_dict(),
+            'pooling': self.pooling,
+            'shared_encoder': self.doc_backbone is None,
+            'query_max_length': self.query_max_length,
+            'doc_max_length': self.doc_max_length,
+            'dim': self.dim,
+        }}
+        # config.json last: a folder without it is not a loadable model.
+        with open(folder / 'config.json', 'w', encoding='utf-8') as f:
+            json.dump(config, f, indent=2)
+
+    # ---- properties -----------------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> QNetSpec:
+        """The q-net architecture."""
+        return self.hyperhead.spec
+
+    @property
+    def dim(self) -> int:
+        """Size of the document vectors."""
+        return self.spec.vector_dimensions[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def __repr__(self) -> str:
+        name = self.name_or_path or type(self.backbone).__name__
+        return (f'Hypencoder({name!r}, qnet={list(self.spec.vector_dimensions)}, pooling={self.pooling!r}, '
+                f'dtype={str(self.dtype).replace("torch.", "")}, device={str(self.device)!r})')
+
+    # ---- differentiable encoders (used by training) ---------------------------------------------------------
+
+    def _backbone_states(self, backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Token type ids stay zeros (not passed), as in the reference code.
+        return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def query_qnets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> QNets:
+        """Q-nets for tokenised queries (differentiable)."""
+        return self.hyperhead(self._backbone_states(self.backbone, input_ids, attention_mask), attention_mask)
+
+    def doc_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Document vectors ``[batch, dim]`` for tokenised documents (differentiable)."""
+        states = self._backbone_states(self.doc_backbone or self.backbone, input_ids, attention_mask)
+        return pool(states, attention_mask, self.pooling)
+
+    # ---- text in, tensors out -------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], max_length: int) -> dict:
+        """Tokenises ``texts`` padded to the longest, truncated to ``max_length``, on the model's device."""
+        _check_texts(texts)
+        enc = self.tokenizer(list(texts), padding='longest', truncation=True, max_length=max_length,
+                             return_tensors='pt', return_token_type_ids=False)
+        return {'input_ids': enc['input_ids'].to(self.device), 'attention_mask': enc['attention_mask'].to(self.device)}
+
+    def _length_sorted_batches(self, texts: Sequence[str], max_length: int,
+                               batch_size: int) -> Iterator[Tuple[torch.Tensor, dict]]:
+        """Yields ``(positions, batch)``: texts grouped by token length, so little compute is spent on padding."""
+        _check_texts(texts)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True,
+                             return_attention_mask=False, return_token_type_ids=False)['input_ids']
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        pad = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), batch_size):
+            positions = order[start:start + batch_size]
+            width = len(ids[positions[0]])
+            input_ids = torch.full((len(positions), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(positions), width), dtype=torch.long)
+            for row, i in enumerate(positions):
+                input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+                mask[row, :len(ids[i])] = 1
+            yield torch.tensor(positions), {'input_ids': input_ids.to(self.device), 'attention_mask': mask.to(self.device)}
+
+    @torch.no_grad()
+    def encode_queries(self, queries: Sequence[str], batch_size: int = 64, verbose: bool = False) -> QNets:
+        """Encodes queries into q-nets.
+
+        Args:
+            queries: query texts.
+            batch_size: queries per backbone forward pass.
+            verbose: show a progress bar.
+
+        Returns:
+            :class:`QNets` in input order; ``.score(doc_vectors)`` gives ``[n_queries, n_docs]``.
+        """
+        parts, positions = [], []
+        for pos, batch in _progress(self._length_sorted_batches(queries, self.query_max_length, batch_size),
+                                    verbose, len(queries), batch_size, 'encoding queries'):
+            parts.append(self.query_qnets(**batch))
+            positions.append(pos)
+        if not parts:
+            raise ValueError('encode_queries got no queries')
+        qnets = QNets.cat(parts)
+        return qnets[torch.argsort(torch.cat(positions)).to(qnets.device)]
+
+    @torch.no_grad()
+    def encode_docs(self, docs: Sequence[str], batch_size: int = 32, verbose: bool = False) -> torch.Tensor:
+        """Encodes documents into vectors (length-sorted batches; output in input order).
+
+        Args:
+            docs: document texts.
+            batch_size: documents per backbone forward pass.
+            verbose: show a progress bar.
+
+        Returns:
+            ``[n_docs, dim]`` tensor on the model's device, in the model's dtype.
+        """
+        out = torch.empty(len(docs), self.dim, device=self.device, dtype=self.dtype)
+        for pos, batch in _progress(self._length_sorted_batches(docs, self.doc_max_length, batch_size),
+                                    verbose, len(docs), batch_size, 'encoding documents'):
+            out[pos.to(self.device)] = self.doc_vectors(**batch)
+        return out
+
+
+def pool(states: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pools token states ``[batch, tokens, dim]`` into one vector per text: ``cls`` or masked ``mean``."""
+    if pooling == 'cls':
+        return states[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _check_texts(texts) -> None:
+    if isinstance(texts, str):
+        raise TypeError('expected a list of texts, got a single string; wrap it in a list')
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f'text {i} is {type(t).__name__} ({t!r}), not str')
+
+
+def _progress(it, verbose: bool, n: int, batch_size: int, desc: str):
+    if not verbose:
+        return it
+    import pyterrier as pt
+    return pt.tqdm(it, total=(n + batch_size - 1) // batch_size, desc=desc, unit='batch')
+

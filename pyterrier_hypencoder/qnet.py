@@ -1,0 +1,242 @@
+"""Q-nets: the small per-query neural networks that a Hypencoder emits, and how to run them.
+
+A q-net maps a document vector to a relevance score. Its weights are generated per query by the hyperhead
+(see :mod:`pyterrier_hypencoder.model`); this module only needs the generated tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['QNetSpec', 'QNets']
+
+_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    'relu': F.relu,
+    'tanh': torch.tanh,
+    'sigmoid': torch.sigmoid,
+    'gelu': F.gelu,
+    'leaky_relu': F.leaky_relu,
+}
+
+# F.layer_norm's default, which the reference q-net uses (not the backbone's 1e-12).
+LAYER_NORM_EPS = 1e-5
+
+# Upper bound on the elements of one intermediate activation tensor in QNets.score; keeps the working set near
+# a few hundred MB in fp32 whatever the number of queries and documents.
+_SCORE_BUDGET_ELEMENTS = 2 ** 24
+
+
+@dataclass(frozen=True)
+class QNetSpec:
+    """The architecture of the q-nets (the reference code's ``converter_kwargs``).
+
+    Attributes:
+        vector_dimensions: input, hidden and output widths, e.g. ``(768, 768, 768, 1)`` is two hidden blocks
+            and a final 768 -> 1 matrix. The first equals the document vector size; the last must be 1.
+        activation: ``relu`` (the released models), ``tanh``, ``sigmoid``, ``gelu`` or ``leaky_relu``.
+        layer_norm: parameter-free layer norm in each hidden block.
+        residual: residual connection in each hidden block.
+        residual_on_last: residual connection on the last hidden block too (False in the released models).
+        layer_norm_before_residual: apply layer norm before adding the residual (True in the released models).
+        dropout: dropout probability inside hidden blocks while training (0 disables it).
+    """
+    vector_dimensions: tuple
+    activation: str = 'relu'
+    layer_norm: bool = True
+    residual: bool = True
+    residual_on_last: bool = False
+    layer_norm_before_residual: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        dims = tuple(int(d) for d in self.vector_dimensions)
+        object.__setattr__(self, 'vector_dimensions', dims)
+        if len(dims) < 2 or dims[-1] != 1 or any(d <= 0 for d in dims):
+            raise ValueError(f'q-net vector_dimensions must be positive and end in 1 (e.g. [768, 768, 1]); got {list(dims)}')
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f'unknown q-net activation {self.activation!r}; choose one of {sorted(_ACTIVATIONS)}')
+        if self.residual_on_last and not self.residual:
+            raise ValueError('residual_on_last=True needs residual=True')
+        if self.residual:
+            for j in range(self.num_blocks):
+                if self._block_has_residual(j) and dims[j] != dims[j + 1]:
+                    raise ValueError(f'q-net block {j} maps {dims[j]} -> {dims[j + 1]} dims and cannot have a residual '
+                                     'connection; use equal hidden widths or residual=False')
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of hidden blocks (every matrix but the last)."""
+        return len(self.vector_dimensions) - 2
+
+    @property
+    def weight_shapes(self) -> List[tuple]:
+        """``(in_dim, out_dim)`` of each generated matrix, in order."""
+        d = self.vector_dimensions
+        return [(d[i], d[i + 1]) for i in range(len(d) - 1)]
+
+    @property
+    def bias_dims(self) -> List[int]:
+        """Size of each generated bias vector (one per hidden block)."""
+        return list(self.vector_dimensions[1:-1])
+
+    def _block_has_residual(self, j: int) -> bool:
+        if not self.residual:
+            return False
+        return j < self.num_blocks - 1 or self.residual_on_last
+
+    @classmethod
+    def from_converter_kwargs(cls, kwargs: dict) -> QNetSpec:
+        """Reads the reference checkpoints' ``converter_kwargs``."""
+        names = {
+            'vector_dimensions': 'vector_dimensions', 'activation_type': 'activation', 'do_layer_norm': 'layer_norm',
+            'do_residual': 'residual', 'do_residual_on_last': 'residual_on_last',
+            'layer_norm_before_residual': 'layer_norm_before_residual',
+        }
+        unknown = set(kwargs) - set(names) - {'do_dropout', 'dropout_prob'}
+        if unknown:
+            raise ValueError(f'unsupported q-net converter_kwargs {sorted(unknown)}; supported: {sorted(names)}')
+        if 'vector_dimensions' not in kwargs:
+            raise ValueError('converter_kwargs has no vector_dimensions: the q-net shape is unknown')
+        args = {names[k]: v for k, v in kwargs.items() if k in names}
+        if args.get('residual_on_last') is None:
+            # The reference treats None as "same as do_residual".
+            args['residual_on_last'] = args.get('residual', True)
+        if kwargs.get('do_dropout'):
+            args['dropout'] = float(kwargs.get('dropout_prob', 0.1))
+        return cls(**args)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable form, inverted by ``QNetSpec(**d)``."""
+        d = asdict(self)
+        d['vector_dimensions'] = list(self.vector_dimensions)
+        return d
+
+
+class QNets:
+    """A batch of q-nets, one per query.
+
+    Holds the generated tensors: ``weights[k]`` of shape ``[n_queries, in_dim, out_dim]`` (applied as
+    ``x @ W``) and ``biases[k]`` of shape ``[n_queries, out_dim]`` for each hidden block. Indexing and slicing
+    select queries, so ``qnets[3]`` or ``qnets[2:5]`` are q-nets too.
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], spec: QNetSpec,
+                 training: bool = False):
+        self.weights = list(weights)
+        self.biases = list(biases)
+        self.spec = spec
+        self.training = training
+        if len(self.weights) != len(spec.weight_shapes) or len(self.biases) != spec.num_blocks:
+            raise ValueError(f'expected {len(spec.weight_shapes)} matrices and {spec.num_blocks} biases for '
+                             f'{spec}; got {len(self.weights)} and {len(self.biases)}')
+
+    def __len__(self) -> int:
+        return self.weights[0].shape[0]
+
+    def __getitem__(self, idx: Union[int, slice, torch.Tensor, Sequence[int]]) -> QNets:
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
+        return QNets([w[idx] for w in self.weights], [b[idx] for b in self.biases], self.spec, self.training)
+
+    def __repr__(self) -> str:
+        return f'QNets(n={len(self)}, dims={list(self.spec.vector_dimensions)}, dtype={self.dtype}, device={self.device})'
+
+    @property
+    def dim(self) -> int:
+        """Size of the document vectors the q-nets take."""
+        return self.spec.vector_dimensions[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights[0].dtype
+
+    def to(self, device=None, dtype=None) -> QNets:
+        """Moves (and optionally casts) the generated tensors."""
+        return QNets([w.to(device=device, dtype=dtype) for w in self.weights],
+                     [b.to(device=device, dtype=dtype) for b in self.biases], self.spec, self.training)
+
+    def detach(self) -> QNets:
+        return QNets([w.detach() for w in self.weights], [b.detach() for b in self.biases], self.spec, False)
+
+    @staticmethod
+    def cat(parts: Sequence[QNets]) -> QNets:
+        """Concatenates batches of q-nets (of the same spec) along the query axis."""
+        if not parts:
+            raise ValueError('QNets.cat needs at least one batch')
+        n_w, n_b = len(parts[0].weights), len(parts[0].biases)
+        return QNets([torch.cat([p.weights[k] for p in parts]) for k in range(n_w)],
+                     [torch.cat([p.biases[k] for p in parts]) for k in range(n_b)],
+                     parts[0].spec, parts[0].training)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Runs every q-net on ``x`` of shape ``[m, d]`` (shared) or ``[n_queries, m, d]``; returns ``[n_queries, m]``."""
+        spec = self.spec
+        act = _ACTIVATIONS[spec.activation]
+        for j in range(spec.num_blocks):
+            y = torch.matmul(x, self.weights[j])
+            y = y + self.biases[j].unsqueeze(1)
+            y = act(y)
+            if spec.layer_norm and spec.layer_norm_before_residual:
+                y = F.layer_norm(y, (y.shape[-1],), eps=LAYER_NORM_EPS)
+            if spec._block_has_residual(j):
+                y = y + x
+            if spec.layer_norm and not spec.layer_norm_before_residual:
+                y = F.layer_norm(y, (y.shape[-1],), eps=LAYER_NORM_EPS)
+            if self.training and spec.dropout > 0:
+                y = F.dropout(y, spec.dropout)
+            x = y
+        return torch.matmul(x, self.weights[-1]).squeeze(-1)
+
+    def _check_vectors(self, doc_vectors: torch.Tensor, ndim: int) -> torch.Tensor:
+        if not isinstance(doc_vectors, torch.Tensor):
+            doc_vectors = torch.as_tensor(doc_vectors)
+        if doc_vectors.ndim != ndim or doc_vectors.shape[-1] != self.dim:
+            want = '[n_docs, dim]' if ndim == 2 else '[n_queries, n_docs, dim]'
+            raise ValueError(f'document vectors must have shape {want} with dim={self.dim}; got {tuple(doc_vectors.shape)}'
+                             ' (were they encoded by a model with another hidden size?)')
+        return doc_vectors.to(device=self.device, dtype=self.dtype)
+
+    def score(self, doc_vectors: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+        """Scores every document for every query.
+
+        Args:
+            doc_vectors: ``[n_docs, dim]`` document vectors (moved to the q-nets' device and dtype).
+            chunk_size: documents per step; by default sized so one step's activations stay near 64 MB in
+                fp32, so memory is bounded whatever ``n_docs`` is.
+
+        Returns:
+            ``[n_queries, n_docs]`` scores.
+        """
+        doc_vectors = self._check_vectors(doc_vectors, 2)
+        n = doc_vectors.shape[0]
+        if chunk_size is None:
+            width = max(self.spec.vector_dimensions)
+            chunk_size = max(1, _SCORE_BUDGET_ELEMENTS // (len(self) * width))
+        if n <= chunk_size:
+            return self._forward(doc_vectors)
+        out = torch.empty(len(self), n, device=self.device, dtype=self.dtype)
+        for start in range(0, n, chunk_size):
+            out[:, start:start + chunk_size] = self._forward(doc_vectors[start:start + chunk_size])
+        return out
+
+    def score_pairs(self, doc_vectors: torch.Tensor) -> torch.Tensor:
+        """Scores a separate set of documents per query.
+
+        Args:
+            doc_vectors: ``[n_queries, m, dim]``: row ``i`` holds the documents for query ``i``.
+
+        Returns:
+            ``[n_queries, m]`` scores.
+        """
+        doc_vectors = self._check_vectors(doc_vectors, 3)
+        if doc_vectors.shape[0] != len(self):
+            raise ValueError(f'score_pairs needs one row of documents per q-net: got {doc_vectors.shape[0]} rows for '
+                             f'{len(self)} q-nets')
+        return self._forward(doc_vectors)
