@@ -83,10 +83,12 @@ def test_low_precision_dtypes_track_fp32(parity_dir, official, expected):
 
 def test_score_is_chunked_and_matches_unchunked(official, expected):
     qnets = official.encode_queries(expected['queries'])
-    docs = torch.randn(1000, official.dim)
-    assert torch.allclose(qnets.score(docs, chunk_size=7), qnets.score(docs), atol=1e-5)
+    docs = torch.randn(1000, official.dim, generator=torch.Generator().manual_seed(0))
+    # Different chunkings change GEMM blocking, so float32 sums differ by rounding (scores are ~10).
+    assert torch.allclose(qnets.score(docs, chunk_size=7), qnets.score(docs), atol=1e-3, rtol=0)
     pairs = qnets.score_pairs(docs[:30].reshape(3, 10, -1))
-    assert torch.allclose(pairs, torch.stack([qnets[i].score(docs[10 * i:10 * i + 10])[0] for i in range(3)]), atol=1e-5)
+    singles = torch.stack([qnets[i].score(docs[10 * i:10 * i + 10])[0] for i in range(3)])
+    assert torch.allclose(pairs, singles, atol=1e-3, rtol=0)
 
 
 def test_encode_docs_keeps_input_order(official, expected):

@@ -1,0 +1,395 @@
+"""The Hypencoder index: document vectors, docnos and an L2 neighbour graph, stored as a PyTerrier artifact."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import pyterrier as pt
+import pyterrier_alpha as pta
+from npids import Lookup
+
+__all__ = ['HypencoderIndex', 'HypencoderIndexer', 'HypencoderIndexError']
+
+_VEC_FILES = {'float32': 'vecs.f4', 'float16': 'vecs.f2'}
+_PROBE_TEXT = 'pyterrier-hypencoder probe: does this model encode documents like the one that built the index?'
+
+
+class HypencoderIndexError(ValueError):
+    """An index that is missing, incomplete, corrupt, or does not fit the model it is used with."""
+
+
+def _graph_dirname(k: int) -> str:
+    # "l2" in the name keeps it apart from pyterrier-dr's cosine graphs (corpusgraph_k*).
+    return f'graph_l2_k{k}'
+
+
+class HypencoderIndex(pta.Artifact):
+    """Document vectors for Hypencoder retrieval, with docnos and a k-nearest-neighbour graph for approximate search.
+
+    Build one with :class:`HypencoderIndexer` (or ``index.indexer(model)``), load one with
+    ``HypencoderIndex(path)`` or ``pt.Artifact.load(path)``, then get transformers from it::
+
+        index = HypencoderIndex('scifact.hypencoder')
+        retriever = index.retriever(model)                  # exhaustive search
+        approx = index.retriever(model, mode='graph')       # greedy graph walk
+        reranker = index.reranker(model)                    # rescoring with stored vectors
+    """
+    ARTIFACT_TYPE = 'dense_index'
+    ARTIFACT_FORMAT = 'hypencoder'
+    ARTIFACT_PACKAGE_HINT = 'pyterrier-hypencoder'
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        """
+        Args:
+            path: the index folder. It need not exist yet: an unbuilt index can hand out an indexer.
+        """
+        super().__init__(path)
+
+    def __repr__(self) -> str:
+        if not self.built():
+            return f'HypencoderIndex({str(self.path)!r}, not built)'
+        graph = f'graph=k{self.graph_k}' if self.has_graph() else 'no graph'
+        return f'HypencoderIndex({str(self.path)!r}, {len(self)} docs, dim={self.dim}, {self.meta["dtype"]}, {graph})'
+
+    def built(self) -> bool:
+        """True when the index is complete (its metadata, written last, exists)."""
+        return (self.path / 'pt_meta.json').exists()
+
+    @cached_property
+    def meta(self) -> Dict[str, Any]:
+        """The index metadata (model, vec_size, dtype, doc_count, graph); validated against the files on disk."""
+        meta_path = self.path / 'pt_meta.json'
+        if not meta_path.exists():
+            raise HypencoderIndexError(f'no complete Hypencoder index at {self.path} (pt_meta.json is missing, so it was never '
+                              'built or its build was interrupted). Build it with HypencoderIndexer(model, path, '
+                              'overwrite=True).index(docs).')
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise HypencoderIndexError(f'{meta_path} is corrupt ({e}); rebuild the index') from None
+        if meta.get('type') != self.ARTIFACT_TYPE or meta.get('format') != self.ARTIFACT_FORMAT:
+            kind = f'{meta.get("type")}/{meta.get("format")}'
+            raise HypencoderIndexError(f'{self.path} holds a {kind} artifact, not a Hypencoder index')
+        vec_file = self.path / _VEC_FILES.get(meta.get('dtype'), 'unknown')
+        want = meta['doc_count'] * meta['vec_size'] * np.dtype(meta['dtype']).itemsize
+        if not vec_file.exists() or vec_file.stat().st_size != want:
+            have = vec_file.stat().st_size if vec_file.exists() else 'missing'
+            raise HypencoderIndexError(f'{vec_file} should hold {want} bytes ({meta["doc_count"]} x {meta["vec_size"]} '
+                              f'{meta["dtype"]}) but is {have}: the index is truncated or corrupt; rebuild it')
+        if meta.get('graph'):
+            edges = self.path / _graph_dirname(meta['graph']['k']) / 'edges.u32.np'
+            want = meta['doc_count'] * meta['graph']['k'] * 4
+            if not edges.exists() or edges.stat().st_size != want:
+                raise HypencoderIndexError(f'{edges} is missing or truncated (expected {want} bytes); rebuild the index')
+        return meta
+
+    def __len__(self) -> int:
+        return self.meta['doc_count']
+
+    @property
+    def dim(self) -> int:
+        """Size of the stored document vectors."""
+        return self.meta['vec_size']
+
+    def vectors(self) -> np.ndarray:
+        """The document vectors, ``[n_docs, dim]``, memory-mapped read-only (float16 or float32)."""
+        return self._vectors
+
+    @cached_property
+    def _vectors(self) -> np.ndarray:
+        meta = self.meta
+        return np.memmap(self.path / _VEC_FILES[meta['dtype']], mode='r', dtype=meta['dtype'],
+                         shape=(meta['doc_count'], meta['vec_size']))
+
+    @cached_property
+    def docnos(self) -> Lookup:
+        """Docno lookup: ``docnos.fwd[rows]`` gives docnos; prefer :meth:`rows` for docno -> row."""
+        self.meta  # noqa: B018 -- validates the folder first
+        lookup = Lookup(self.path / 'docnos.npids')
+        if len(lookup) != len(self):
+            raise HypencoderIndexError(f'{self.path / "docnos.npids"} has {len(lookup)} docnos for {len(self)} vectors; '
+                              'the index is corrupt; rebuild it')
+        return lookup
+
+    def rows(self, docnos: Sequence[str]) -> np.ndarray:
+        """Row ids of ``docnos``.
+
+        Raises:
+            KeyError: naming the docnos that are not in the index.
+        """
+        docnos = [str(d) for d in docnos]
+        if not docnos:
+            return np.zeros(0, dtype=np.int64)
+        rows = np.asarray(self.docnos.inv[docnos], dtype=np.int64)
+        if (rows < 0).any():
+            unknown = [d for d, r in zip(docnos, rows) if r < 0]
+            raise KeyError(f'{len(unknown)} docno(s) are not in the index {self.path}, e.g. {unknown[:5]}')
+        return rows
+
+    def has_graph(self) -> bool:
+        """True when the index holds a neighbour graph (needed by graph-mode retrieval)."""
+        return bool(self.meta.get('graph'))
+
+    @property
+    def graph_k(self) -> Optional[int]:
+        """Neighbours per document in the graph, or None without a graph."""
+        return self.meta['graph']['k'] if self.has_graph() else None
+
+    def graph_edges(self) -> np.ndarray:
+        """``[n_docs, k]`` uint32 neighbour rows, nearest first, memory-mapped."""
+        if not self.has_graph():
+            raise HypencoderIndexError(f'the index {self.path} has no neighbour graph; rebuild it with '
+                              'HypencoderIndexer(..., neighbours=100) to use graph-mode retrieval')
+        return self.corpus_graph().edges_data
+
+    def corpus_graph(self, k: Optional[int] = None):
+        """The neighbour graph as a ``pyterrier_adaptive`` corpus graph (e.g. for ``pyterrier_adaptive.GAR``).
+
+        Args:
+            k: keep only the nearest ``k`` neighbours (at most the stored k).
+        """
+        from pyterrier_adaptive.corpus_graph import NpTopKCorpusGraph
+        if not self.has_graph():
+            self.graph_edges()  # raises the explanatory error
+        return NpTopKCorpusGraph(self.path / _graph_dirname(self.graph_k), k=k)
+
+    def check_model(self, model) -> None:
+        """Checks that ``model`` encodes documents like the model that built this index.
+
+        Raises:
+            HypencoderIndexError: on a dimension mismatch, or when the model encodes a probe text differently.
+        """
+        if model.dim != self.dim:
+            raise HypencoderIndexError(f'the model makes {model.dim}-d vectors but the index {self.path} holds {self.dim}-d '
+                              f'vectors (built with {self.meta.get("model")!r}); use the same model for both')
+        probe = self.meta.get('probe')
+        if probe is None:
+            return
+        got = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
+        ref = np.asarray(probe, dtype=np.float32)
+        # fp16/bf16 encoders differ from fp32 by ~1e-2 relative; a different model differs by O(1).
+        if np.linalg.norm(got - ref) > 0.1 * max(np.linalg.norm(ref), 1e-6):
+            raise HypencoderIndexError(f'the index {self.path} was built with {self.meta.get("model")!r}, and this model '
+                              f'({getattr(model, "name_or_path", None)!r}) encodes documents differently; rebuild the '
+                              'index with this model or load the model that built it')
+
+    # ---- transformers handed out by the index (as FlexIndex does) -----------------------------------------------
+
+    def indexer(self, model, **kwargs) -> HypencoderIndexer:
+        """A :class:`HypencoderIndexer` that builds this index with ``model``."""
+        return HypencoderIndexer(model, self.path, **kwargs)
+
+    def retriever(self, model, **kwargs):
+        """A :class:`~pyterrier_hypencoder.retriever.HypencoderRetriever` over this index."""
+        from .retriever import HypencoderRetriever
+        return HypencoderRetriever(model, self, **kwargs)
+
+    def reranker(self, model, **kwargs):
+        """A :class:`~pyterrier_hypencoder.reranker.HypencoderReranker` scoring this index's stored vectors."""
+        from .reranker import HypencoderReranker
+        return HypencoderReranker(model, self, **kwargs)
+
+
+class HypencoderIndexer(pt.Indexer):
+    """Encodes documents with a Hypencoder, streams their vectors to disk, and builds the L2 neighbour graph.
+
+    Example::
+
+        indexer = HypencoderIndexer(model, 'vaswani.hypencoder')
+        index = indexer.index(pt.get_dataset('irds:vaswani').get_corpus_iter())
+    """
+
+    def __init__(self, model, path: Union[str, os.PathLike], *, neighbours: Optional[int] = 100,
+                 graph: Optional[str] = 'auto', text_field: Union[str, Sequence[str]] = 'text',
+                 batch_size: int = 32, chunk_size: int = 4096, fp16: bool = False, overwrite: bool = False,
+                 verbose: bool = True):
+        """
+        Args:
+            model: the :class:`~pyterrier_hypencoder.Hypencoder` that encodes documents.
+            path: the index folder to create.
+            neighbours: neighbours per document in the graph (the paper: 100); 0 or None for no graph.
+            graph: graph builder: ``auto`` (exact up to a size threshold, then approximate), ``exact``, ``hnsw``.
+            text_field: the field to encode, or several fields joined by a space (e.g. ``['title', 'text']``).
+            batch_size: documents per encoder forward pass.
+            chunk_size: documents read and written per step (length-sorted within a chunk); bounds memory.
+            fp16: store vectors in float16, halving disk and memory.
+            overwrite: replace an existing index at ``path`` (and partial folders that killed runs left beside it).
+            verbose: show progress bars.
+        """
+        if neighbours is not None and neighbours < 0:
+            raise ValueError(f'neighbours must be >= 0 (0 or None: no graph); got {neighbours}')
+        if batch_size < 1 or chunk_size < 1:
+            raise ValueError('batch_size and chunk_size must be >= 1')
+        self.model = model
+        self.path = Path(path)
+        self.neighbours = neighbours or 0
+        self.graph = graph if self.neighbours else None
+        self.text_fields = [text_field] if isinstance(text_field, str) else list(text_field)
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.dtype = 'float16' if fp16 else 'float32'
+        self.overwrite = overwrite
+        self.verbose = verbose
+
+    def __repr__(self) -> str:
+        return (f'HypencoderIndexer({str(self.path)!r}, neighbours={self.neighbours}, text_field={self.text_fields}, '
+                f'dtype={self.dtype})')
+
+    def index(self, docs: Iterable[Dict[str, Any]]) -> HypencoderIndex:
+        """Indexes documents.
+
+        Args:
+            docs: dicts with ``docno`` and the text field(s), e.g. ``dataset.get_corpus_iter()``.
+
+        Returns:
+            The built :class:`HypencoderIndex`.
+
+        Raises:
+            FileExistsError: when ``path`` exists and ``overwrite`` is False.
+            ValueError: on an empty corpus, a document without docno or text, or duplicate docnos.
+        """
+        if self.path.exists() and not self.overwrite:
+            raise FileExistsError(f'{self.path} already exists; pass overwrite=True to replace it, or choose another path')
+        # Everything is written to a hidden sibling and moved into place at the end, so an interrupted run never
+        # leaves a folder that loads.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:
+            # Partial folders of earlier, killed runs at this path.
+            for stale in self.path.parent.glob(f'.{self.path.name}.building-*'):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.path.parent / f'.{self.path.name}.building-{uuid.uuid4().hex[:8]}'
+        tmp.mkdir()
+        try:
+            meta = self._build(docs, tmp)
+            with open(tmp / 'pt_meta.json', 'w') as f:
+                json.dump(meta, f, indent=1)
+            self._move_into_place(tmp)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return HypencoderIndex(self.path)
+
+    def _move_into_place(self, tmp: Path) -> None:
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f'.{self.path.name}.old-{uuid.uuid4().hex[:8]}'
+            os.rename(self.path, old)
+        os.rename(tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _texts(self, chunk: List[Dict[str, Any]], start: int) -> List[str]:
+        texts = []
+        for i, doc in enumerate(chunk):
+            parts = []
+            for field in self.text_fields:
+                value = doc.get(field)
+                if value is None:
+                    raise ValueError(f'document {start + i} (docno {doc.get("docno")!r}) has no {field!r} field; it '
+                                     f'has {sorted(doc)}. Choose the text field(s) with text_field=...')
+                parts.append(str(value))
+            texts.append(' '.join(parts))
+        return texts
+
+    def _build(self, docs: Iterable[Dict[str, Any]], folder: Path) -> Dict[str, Any]:
+        import torch
+        model = self.model
+        count = 0
+        it = pt.tqdm(docs, desc='indexing', unit='doc', disable=not self.verbose)
+        with open(folder / _VEC_FILES[self.dtype], 'wb') as fvec, Lookup.builder(folder / 'docnos.npids') as builder:
+            for chunk in _chunks(it, self.chunk_size):
+                for i, doc in enumerate(chunk):
+                    docno = doc.get('docno') if isinstance(doc, dict) else None
+                    if docno is None:
+                        raise ValueError(f'document {count + i} has no docno: each document must be a dict with a '
+                                         f'"docno" and {self.text_fields}')
+                    builder.add(str(docno))
+                with torch.inference_mode():
+                    vecs = model.encode_docs(self._texts(chunk, count), batch_size=self.batch_size)
+                fvec.write(vecs.float().cpu().numpy().astype(self.dtype).tobytes())
+                count += len(chunk)
+            # Checked inside the block: npids cannot finish a lookup of fewer than two docnos.
+            if count == 0:
+                raise ValueError('the corpus is empty: no documents were given to index')
+            if count == 1:
+                raise ValueError('a Hypencoder index needs at least 2 documents; score a single document with '
+                                 'HypencoderReranker(model) instead')
+        _check_unique_docnos(folder / 'docnos.npids', count)
+        vectors = np.memmap(folder / _VEC_FILES[self.dtype], mode='r', dtype=self.dtype, shape=(count, model.dim))
+        graph_meta = self._build_graph(vectors, folder) if self.graph else None
+        with torch.inference_mode():
+            probe = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
+        return {
+            'type': HypencoderIndex.ARTIFACT_TYPE,
+            'format': HypencoderIndex.ARTIFACT_FORMAT,
+            'package_hint': HypencoderIndex.ARTIFACT_PACKAGE_HINT,
+            'model': getattr(model, 'name_or_path', None),
+            'vec_size': model.dim,
+            'dtype': self.dtype,
+            'doc_count': count,
+            'pooling': model.pooling,
+            'doc_max_length': model.doc_max_length,
+            'text_field': self.text_fields,
+            'graph': graph_meta,
+            'probe': [round(float(x), 6) for x in probe],
+        }
+
+    def _build_graph(self, vectors: np.ndarray, folder: Path) -> Optional[Dict[str, Any]]:
+        from .graph import build_knn_graph
+        n = vectors.shape[0]
+        k = min(self.neighbours, n - 1)
+        if k < 1:
+            warnings.warn('a single document has no neighbours: the index is built without a graph', stacklevel=3)
+            return None
+        if k < self.neighbours:
+            warnings.warn(f'only {n} documents: the graph keeps {k} neighbours per document, not {self.neighbours}',
+                          stacklevel=3)
+        gdir = folder / _graph_dirname(k)
+        gdir.mkdir()
+        # Raw row-major files, as pyterrier-adaptive's np_topk graphs are; weights (L2 distances) in float16.
+        edges = np.memmap(gdir / 'edges.u32.np', mode='w+', dtype=np.uint32, shape=(n, k))
+        dists = np.memmap(gdir / 'weights.f16.np', mode='w+', dtype=np.float16, shape=(n, k))
+        build_knn_graph(vectors, k, method=self.graph, verbose=self.verbose, edges_out=edges, dists_out=dists)
+        edges.flush()
+        dists.flush()
+        del edges, dists
+        shutil.copy(folder / 'docnos.npids', gdir / 'docnos.npids')
+        with open(gdir / 'pt_meta.json', 'w') as f:
+            json.dump({'type': 'corpus_graph', 'format': 'np_topk', 'package_hint': 'pyterrier-adaptive',
+                       'doc_count': n, 'k': k, 'metric': 'l2'}, f)
+        return {'k': k, 'metric': 'l2', 'method': self.graph}
+
+
+def _chunks(it: Iterable, size: int) -> Iterable[list]:
+    chunk = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _check_unique_docnos(path: Path, count: int, block: int = 1 << 16) -> None:
+    """Duplicate docnos make docno lookups ambiguous; each row must map back to itself."""
+    lookup = Lookup(path)
+    try:
+        for start in range(0, count, block):
+            rows = np.arange(start, min(start + block, count))
+            docnos = lookup.fwd[rows]
+            back = np.asarray(lookup.inv[list(docnos)])
+            bad = np.nonzero(back != rows)[0]
+            if len(bad):
+                dup = docnos[bad[0]]
+                raise ValueError(f'duplicate docno {dup!r} (rows {back[bad[0]]} and {rows[bad[0]]}); docnos must be '
+                                 'unique in a corpus')
+    finally:
+        lookup.close()
