@@ -388,7 +388,7 @@ def _check_unique_docnos(path: Path, count: int, block: int = 1 << 16) -> None:
             back = np.asarray(lookup.inv[list(docnos)])
             bad = np.nonzero(back != rows)[0]
             if len(bad):
-                dup = docnos[bad[0]]
+                dup = str(docnos[bad[0]])
                 raise ValueError(f'duplicate docno {dup!r} (rows {back[bad[0]]} and {rows[bad[0]]}); docnos must be '
                                  'unique in a corpus')
     finally:
