@@ -1,0 +1,233 @@
+"""Document neighbour graphs: for every document vector, its k nearest other documents by L2 distance.
+
+The graph feeds the graph walk of adaptive retrieval (pyterrier-adaptive's ``np_topk`` layout): ``edges[i]`` lists the
+row ids of the ``k`` documents nearest to row ``i``, nearest first, never ``i`` itself; ``dists[i]`` their L2
+distances. Builders:
+
+- ``'exact'``: brute force with ``faiss.IndexFlatL2``; cost grows with n^2 * d.
+- ``'hnsw'``: a ``faiss.IndexHNSWFlat`` over all vectors, then every vector is searched in it. Cost grows with
+  about n * log(n) * d; recall against exact is typically >= 0.97 with the defaults (see ``benchmarks/graph_build.py``).
+- ``'auto'``: exact up to ``exact_max_docs`` documents, HNSW above.
+
+Vectors may be a float16 or float32 ``np.memmap``: they are read and converted to float32 one batch at a time, so
+beyond the FAISS index itself (which holds float32 copies of the vectors) memory stays bounded.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+
+# Exact search costs about 2 * n^2 * d flops: for n = 100k and d = 768 that is ~1.5e13, about 2 minutes on
+# 2 CPU cores (~150 GFLOPS), and it quadruples with every doubling of n. HNSW builds the 100k graph several times
+# faster at recall ~0.99, so exact is kept for corpora where it is still affordable.
+EXACT_MAX_DOCS = 100_000
+
+METHODS = ('auto', 'exact', 'hnsw')
+
+
+def build_knn_graph(
+    vectors: np.ndarray,
+    k: int = 100,
+    *,
+    method: str = 'auto',
+    exact_max_docs: int = EXACT_MAX_DOCS,
+    batch_size: int = 4096,
+    verbose: bool = False,
+    edges_out: Optional[np.ndarray] = None,
+    dists_out: Optional[np.ndarray] = None,
+    seed: int = 0,
+    hnsw_m: int = 16,
+    ef_construction: int = 64,
+    ef_search: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Builds the k-nearest-neighbour graph of ``vectors`` under L2 distance.
+
+    Args:
+        vectors: ``[n, d]`` float array (float16 or float32, in memory or an ``np.memmap``).
+        k: neighbours per document; needs ``k < n`` (at least ``k + 1`` documents).
+        method: ``'exact'``, ``'hnsw'`` or ``'auto'`` (exact up to ``exact_max_docs`` documents, HNSW above).
+        exact_max_docs: the largest corpus that ``'auto'`` builds exactly.
+        batch_size: query rows converted and searched at once.
+        verbose: show a progress bar.
+        edges_out: optional preallocated ``[n, k]`` uint32 array (e.g. an ``np.memmap``) filled batch by batch.
+        dists_out: optional preallocated ``[n, k]`` float array (e.g. float16 or float32 ``np.memmap``).
+        seed: random seed of the HNSW level assignment, so that builds are repeatable.
+        hnsw_m: HNSW links per node (``M``); more links: better recall, more memory and time.
+        ef_construction: HNSW candidate list size while inserting; larger: a better graph, slower build.
+        ef_search: HNSW candidate list size while searching (at least ``k + 1``); default ``max(3 * k // 2, 64)``.
+            The main knob that trades time for recall.
+
+    Returns:
+        ``(edges, dists)``: ``edges`` uint32 ``[n, k]`` row ids of the nearest other documents, nearest first (a
+        document is never its own neighbour, but its duplicates are); ``dists`` float32 ``[n, k]`` their L2 distances
+        (not squared). When ``edges_out``/``dists_out`` are given, those arrays are returned.
+
+    Raises:
+        ValueError: for a bad method, ``k``, shape, output array, or NaN/inf values in ``vectors``.
+    """
+    if method not in METHODS:
+        raise ValueError(f'method={method!r} is not supported: use one of {METHODS}')
+    if not hasattr(vectors, 'ndim'):
+        vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[1] == 0:
+        raise ValueError(f'vectors must be a 2-D [n, d] array with d > 0, got shape {vectors.shape}')
+    n, d = vectors.shape
+    if not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f'k must be a positive integer, got {k!r}')
+    if k >= n:
+        raise ValueError(f'k={k} neighbours need at least k + 1 = {k + 1} documents, but there are only {n}: '
+                         f'use k <= {n - 1}')
+    if n >= 2 ** 32:
+        raise ValueError(f'{n} documents do not fit uint32 row ids')
+    if batch_size <= 0:
+        raise ValueError(f'batch_size must be positive, got {batch_size}')
+    edges = _output(edges_out, 'edges_out', (n, k), np.uint32)
+    dists = _output(dists_out, 'dists_out', (n, k), np.float32)
+    if method == 'auto':
+        method = 'exact' if n <= exact_max_docs else 'hnsw'
+
+    import faiss
+    if method == 'exact':
+        index = faiss.IndexFlatL2(d)
+    else:
+        if ef_search is None:
+            ef_search = max(3 * k // 2, 64)
+        index = faiss.IndexHNSWFlat(d, hnsw_m)
+        index.hnsw.efConstruction = ef_construction
+        # The levels of HNSW nodes are drawn at random: seed them (parallel insertion can still vary slightly).
+        index.hnsw.rng = faiss.RandomGenerator(seed)
+        index.hnsw.efSearch = max(ef_search, k + 1)
+    _add(index, vectors, batch_size, verbose, method)
+    _search(index, vectors, k, batch_size, verbose, method, edges, dists)
+    return edges, dists
+
+
+def neighbour_recall(approx_edges: np.ndarray, exact_edges: np.ndarray) -> float:
+    """The mean fraction of each row's exact neighbours that the approximate graph also lists.
+
+    Args:
+        approx_edges: ``[m, k']`` neighbour ids from the graph under test.
+        exact_edges: ``[m, k]`` true neighbour ids for the same rows (``k <= k'`` measures recall@k within k').
+
+    Returns:
+        A value in ``[0, 1]``; 1 when every exact neighbour is found.
+    """
+    approx_edges, exact_edges = np.asarray(approx_edges), np.asarray(exact_edges)
+    if approx_edges.ndim != 2 or exact_edges.ndim != 2 or len(approx_edges) != len(exact_edges):
+        raise ValueError(f'need two 2-D arrays with the same number of rows, got {approx_edges.shape} and '
+                         f'{exact_edges.shape}')
+    if exact_edges.size == 0:
+        raise ValueError('exact_edges is empty')
+    if approx_edges.shape[1] == 0:
+        return 0.0
+    # Sort each approx row once, then look every exact id up with a row-offset searchsorted (no Python loop).
+    a = np.sort(approx_edges.astype(np.int64), axis=1)
+    e = exact_edges.astype(np.int64)
+    width = int(max(a.max(initial=0), e.max(initial=0))) + 1
+    offsets = np.arange(len(a), dtype=np.int64)[:, None] * width
+    flat = (a + offsets).ravel()
+    keys = (e + offsets).ravel()
+    pos = np.minimum(np.searchsorted(flat, keys), len(flat) - 1)
+    return float(np.mean(flat[pos] == keys))
+
+
+def exact_neighbours(
+    vectors: np.ndarray, rows: np.ndarray, k: int, *, batch_size: int = 65536,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest other rows for a few query ``rows``, streaming over the corpus (for recall checks on big corpora).
+
+    Args:
+        vectors: ``[n, d]`` float array (float16/float32, possibly an ``np.memmap``).
+        rows: row ids of the queries.
+        k: neighbours per query row, ``k < n``.
+        batch_size: corpus rows converted to float32 at once.
+
+    Returns:
+        ``(edges, dists)`` as ``build_knn_graph`` returns them, for ``rows`` only.
+    """
+    import faiss
+    rows = np.asarray(rows, dtype=np.int64)
+    n = len(vectors)
+    if not 0 < k < n:
+        raise ValueError(f'k must be in [1, {n - 1}] for {n} documents, got {k}')
+    queries = _as_f32(vectors[np.sort(rows)])[np.argsort(np.argsort(rows))]
+    best_d = np.full((len(rows), k + 1), np.inf, dtype=np.float32)
+    best_i = np.full((len(rows), k + 1), -1, dtype=np.int64)
+    for start in range(0, n, batch_size):
+        chunk = _as_f32(vectors[start:start + batch_size])
+        kk = min(k + 1, len(chunk))
+        dd, ii = faiss.knn(queries, chunk, kk)
+        cand_d = np.concatenate([best_d, dd], axis=1)
+        cand_i = np.concatenate([best_i, ii + start], axis=1)
+        # A stable sort on distance keeps earlier (lower) ids first among ties, like IndexFlatL2.
+        top = np.argsort(cand_d, axis=1, kind='stable')[:, :k + 1]
+        best_d = np.take_along_axis(cand_d, top, axis=1)
+        best_i = np.take_along_axis(cand_i, top, axis=1)
+    edges, dists = _drop_self(best_i, best_d, rows, k)
+    return edges.astype(np.uint32), dists
+
+
+def _output(out, name, shape, dtype):
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if tuple(out.shape) != shape:
+        raise ValueError(f'{name} has shape {tuple(out.shape)}, expected {shape}')
+    if name == 'edges_out' and out.dtype != np.uint32:
+        raise ValueError(f'{name} must be uint32, got {out.dtype}')
+    if name == 'dists_out' and not np.issubdtype(out.dtype, np.floating):
+        raise ValueError(f'{name} must be a float array, got {out.dtype}')
+    return out
+
+
+def _as_f32(batch: np.ndarray) -> np.ndarray:
+    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    if not np.isfinite(batch).all():
+        raise ValueError('vectors contain NaN or infinite values: fix or drop those documents before building the graph')
+    return batch
+
+
+def _batches(n, batch_size, verbose, desc):
+    starts = range(0, n, batch_size)
+    if verbose:
+        try:
+            import pyterrier as pt
+            tqdm = pt.tqdm
+        except ImportError:  # pragma: no cover - pyterrier is a dependency; plain tqdm is a fallback
+            from tqdm import tqdm
+        starts = tqdm(starts, desc=desc, unit='batch', total=math.ceil(n / batch_size))
+    return starts
+
+
+def _add(index, vectors, batch_size, verbose, method):
+    n = len(vectors)
+    for start in _batches(n, batch_size, verbose, f'graph {method}: adding'):
+        index.add(_as_f32(vectors[start:start + batch_size]))
+
+
+def _search(index, vectors, k, batch_size, verbose, method, edges, dists):
+    n = len(vectors)
+    for start in _batches(n, batch_size, verbose, f'graph {method}: searching'):
+        queries = _as_f32(vectors[start:start + batch_size])
+        rows = np.arange(start, start + len(queries))
+        sq, ids = index.search(queries, k + 1)
+        e, dd = _drop_self(ids, sq, rows, k)
+        missing = (e < 0).any(axis=1)
+        if missing.any():
+            # An approximate index can come back short (a poorly connected HNSW region): redo those rows exactly.
+            e[missing], dd[missing] = exact_neighbours(vectors, rows[missing], k)
+        edges[start:start + len(queries)] = e
+        dists[start:start + len(queries)] = dd
+
+
+def _drop_self(ids: np.ndarray, sq_dists: np.ndarray, rows: np.ndarray, k: int):
+    """From ``k + 1`` results per row, drops the row itself (by id, not by distance 0, as duplicates are valid
+    neighbours); rows whose own id is absent (ties among duplicates) drop their last result instead."""
+    drop = ids == rows[:, None]
+    # Each id appears once per row, so at most one entry is dropped per row; without self, drop the last.
+    drop[~drop.any(axis=1), k] = True
+    keep = ~drop
+    e = ids[keep].reshape(len(ids), k)
+    d = np.sqrt(np.maximum(sq_dists[keep].reshape(len(ids), k), 0)).astype(np.float32)
+    return e, d

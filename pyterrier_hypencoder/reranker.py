@@ -1,0 +1,151 @@
+"""HypencoderReranker: scores given (query, document) pairs with a Hypencoder's q-nets."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence, Union
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import torch
+
+from .qnet import QNets
+from .retriever import _check_positive, _load_index, check_queries
+
+__all__ = ['HypencoderReranker']
+
+# Q-nets of the most recent queries are kept: pyterrier_adaptive.GAR scores one query in many small batches,
+# and encoding its query again for each batch would cost more than scoring the batch. Few are kept, as a
+# BERT-base q-net takes 14 MB.
+_QNET_CACHE = 4
+
+
+class HypencoderReranker(pt.Transformer):
+    """Re-scores a result frame with a Hypencoder: each query's q-net scores its documents' vectors.
+
+    The document vectors come from a :class:`~pyterrier_hypencoder.index.HypencoderIndex` (looked up by
+    ``docno``) or, without an index, from encoding the ``text`` column on the fly. Scores equal those of
+    :class:`~pyterrier_hypencoder.retriever.HypencoderRetriever` for the same pairs.
+
+    Input: ``qid``, ``query``, ``docno`` (and the text column when there is no index). Output: the input with
+    ``score`` and ``rank`` (0-based) replaced, best first within each query, queries in input order.
+
+    Example::
+
+        pipeline = bm25 >> pt.text.get_text(dataset, 'text') >> HypencoderReranker(model)
+        gar = pyterrier_adaptive.GAR(index.reranker(model), index.corpus_graph())
+    """
+    schematic = {'label': 'HypencoderReranker', 'help_url': None}
+
+    def __init__(self, model, index=None, *, text_field: str = 'text', batch_size: int = 32,
+                 device: Union[None, str, torch.device] = None, verbose: bool = False):
+        """
+        Args:
+            model: the :class:`~pyterrier_hypencoder.Hypencoder`.
+            index: a :class:`~pyterrier_hypencoder.index.HypencoderIndex` (or its path) holding the documents'
+                vectors; None to encode the ``text_field`` column instead.
+            text_field: the column with document texts (used without an index).
+            batch_size: queries encoded together, and documents per encoder forward pass.
+            device: where q-nets score documents (default: the model's device). The model is not moved.
+            verbose: show a progress bar over the queries.
+        """
+        _check_positive('batch_size', batch_size)
+        self.model = model
+        self.index = _load_index(index) if index is not None else None
+        if self.index is not None:
+            self.index.check_model(model)
+        self.text_field = text_field
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else None
+        self.verbose = verbose
+        self._cache: OrderedDict = OrderedDict()
+
+    def __repr__(self) -> str:
+        source = repr(str(self.index.path)) if self.index is not None else f'text_field={self.text_field!r}'
+        return f'HypencoderReranker({source})'
+
+    @property
+    def search_device(self) -> torch.device:
+        """The device where documents are scored."""
+        return self.device if self.device is not None else self.model.device
+
+    def clear_cache(self) -> None:
+        """Forgets the cached q-nets of recent queries (call it after changing the model's weights)."""
+        self._cache.clear()
+
+    def _validate(self, inp: pd.DataFrame) -> None:
+        try:
+            with pt.validate.any(inp, context=self) as v:
+                if self.index is not None:
+                    v.result_frame(extra_columns=['query'], mode='stored vectors')
+                else:
+                    v.result_frame(extra_columns=['query', self.text_field], mode='text')
+        except pt.validate.InputValidationError as e:
+            if self.index is None and e.modes[0].missing_columns == [self.text_field]:
+                raise pt.validate.InputValidationError(
+                    f'{self!r} has no index, so it needs the documents\' text in a {self.text_field!r} column, which '
+                    f'the input (columns {list(inp.columns)}) lacks. Add it, e.g. pt.text.get_text(dataset, '
+                    f'{self.text_field!r}) >> reranker, or give the reranker an index: HypencoderReranker(model, '
+                    'index).', e.modes) from None
+            raise
+
+    def _qnets(self, queries: Sequence[str]) -> QNets:
+        missing = [q for q in dict.fromkeys(queries) if q not in self._cache]
+        if missing:
+            qnets = self.model.encode_queries(missing, batch_size=self.batch_size).to(self.search_device)
+            for i, q in enumerate(missing):
+                self._cache[q] = qnets[i]
+        for q in queries:
+            self._cache.move_to_end(q)
+        while len(self._cache) > max(_QNET_CACHE, len(queries)):
+            self._cache.popitem(last=False)
+        return QNets.cat([self._cache[q] for q in queries])
+
+    def _doc_vectors(self, frame: pd.DataFrame) -> torch.Tensor:
+        """Vectors of the documents of ``frame``'s rows, on the scoring device."""
+        if self.index is not None:
+            try:
+                rows = self.index.rows(frame['docno'].tolist())
+            except KeyError as e:
+                raise KeyError(f'{e.args[0]}. The reranker scores the vectors stored in its index, so every docno must '
+                               'come from the indexed corpus (was the first stage run on another corpus?)') from None
+            vectors = torch.from_numpy(np.asarray(self.index.vectors()[rows]))
+        else:
+            texts = frame[self.text_field]
+            bad = texts.map(lambda t: not isinstance(t, str))
+            if bad.any():
+                docno = frame['docno'][bad].iloc[0]
+                raise TypeError(f'the {self.text_field!r} column has {int(bad.sum())} values that are not strings, e.g. '
+                                f'for docno {docno!r}; fill them before re-ranking')
+            # The same document often appears for several queries: encode each text once.
+            codes, unique = pd.factorize(texts)
+            vectors = self.model.encode_docs(list(unique), batch_size=self.batch_size)[torch.from_numpy(codes)]
+        return vectors.to(device=self.search_device)
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        """Scores each (query, document) row of ``inp`` and ranks the documents of each query."""
+        self._validate(inp)
+        if len(inp) == 0:
+            return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
+        inp = inp.reset_index(drop=True)
+        query_codes, queries = pd.factorize(pd.Series(check_queries(inp)))
+        order = np.argsort(query_codes, kind='stable')  # rows grouped by query, queries in input order
+        bounds = np.searchsorted(query_codes[order], np.arange(len(queries) + 1))
+        scores = np.empty(len(inp), dtype=np.float64)
+        bar = pt.tqdm(total=len(queries), desc=repr(self), unit='query', disable=not self.verbose)
+        with bar, torch.inference_mode():
+            for first in range(0, len(queries), self.batch_size):
+                last = min(first + self.batch_size, len(queries))
+                qnets = self._qnets(list(queries[first:last]))
+                rows = order[bounds[first]:bounds[last]]
+                vectors = self._doc_vectors(inp.iloc[rows])
+                for j in range(last - first):
+                    lo, hi = bounds[first + j] - bounds[first], bounds[first + j + 1] - bounds[first]
+                    scores[rows[lo:hi]] = qnets[j].score(vectors[lo:hi])[0].double().cpu().numpy()
+                bar.update(last - first)
+        while len(self._cache) > _QNET_CACHE:
+            self._cache.popitem(last=False)
+        out = inp.assign(score=scores)
+        out['rank'] = out.groupby('qid', sort=False)['score'].rank(ascending=False, method='first').astype('int64') - 1
+        qid_order, _ = pd.factorize(out['qid'])
+        return out.iloc[np.lexsort((out['rank'].to_numpy(), qid_order))].reset_index(drop=True)

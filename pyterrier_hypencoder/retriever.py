@@ -1,0 +1,181 @@
+"""HypencoderRetriever: first-stage retrieval over a Hypencoder index, exhaustive or by the paper's graph walk."""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import torch
+
+from .search import exhaustive_search, graph_search, place_vectors
+
+__all__ = ['HypencoderRetriever']
+
+_MODES = ('exhaustive', 'graph')
+
+
+def _load_index(index):
+    from .index import HypencoderIndex
+    if isinstance(index, HypencoderIndex):
+        return index
+    if isinstance(index, (str, bytes)) or hasattr(index, '__fspath__'):
+        return HypencoderIndex(index)
+    raise TypeError(f'index must be a HypencoderIndex or the path of one; got {type(index).__name__}')
+
+
+def _check_positive(name: str, value, low: int = 1) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f'{name} must be an integer >= {low}; got {value!r}')
+
+
+def check_queries(inp: pd.DataFrame) -> list:
+    """The ``query`` column as a list of strings, with a clear error for missing or tokenised queries."""
+    queries = inp['query'].tolist()
+    bad = [(qid, q) for qid, q in zip(inp['qid'], queries) if not isinstance(q, str)]
+    if bad:
+        raise TypeError(f'{len(bad)} queries are not strings, e.g. qid {bad[0][0]!r}: {bad[0][1]!r}; fill or drop them '
+                        'before retrieval')
+    return queries
+
+
+class HypencoderRetriever(pt.Transformer):
+    """Retrieves documents from a :class:`~pyterrier_hypencoder.index.HypencoderIndex` with a Hypencoder's q-nets.
+
+    Input: a query frame (``qid``, ``query``, any other columns). Output: one row per retrieved document, with the
+    input's columns plus ``docno``, ``score`` and ``rank`` (0-based), queries in input order, best first.
+
+    Two modes:
+
+    - ``exhaustive``: every document is scored (exact top-k); vectors are streamed in chunks through a batch of
+      q-nets, and on a GPU kept resident when they fit.
+    - ``graph``: the paper's approximate greedy walk over the index's neighbour graph
+      (:func:`~pyterrier_hypencoder.search.graph_search`); needs an index built with a graph. The defaults are
+      the paper's "Efficient 1" setting (10,000 initial candidates, 64 candidates per step, at most 16 steps,
+      early stopping), clamped to the corpus size.
+
+    With ``num_results`` larger than the corpus, exhaustive search returns every document. A graph walk returns
+    at most the documents it scored, so fewer than ``num_results`` when it stops early on a small corpus.
+
+    Example::
+
+        from ir_measures import nDCG
+        retriever = HypencoderRetriever(model, 'vaswani.hypencoder', num_results=100)
+        pt.Experiment([retriever, retriever % 10], topics, qrels, [nDCG@10])
+    """
+    schematic = {'label': 'HypencoderRetriever', 'help_url': None}
+
+    def __init__(self, model, index, *, num_results: int = 1000, mode: str = 'exhaustive', n_initial: int = 10000,
+                 n_candidates: int = 64, max_iter: int = 16, early_stopping: bool = True, seed: int = 0,
+                 batch_size: int = 32, device: Union[None, str, torch.device] = None, verbose: bool = False):
+        """
+        Args:
+            model: the :class:`~pyterrier_hypencoder.Hypencoder` that built the index.
+            index: a :class:`~pyterrier_hypencoder.index.HypencoderIndex` or its path.
+            num_results: documents per query.
+            mode: ``exhaustive`` (exact) or ``graph`` (approximate walk).
+            n_initial: graph mode: documents sampled at random to start the walk.
+            n_candidates: graph mode: best documents of each step whose neighbours are scored next.
+            max_iter: graph mode: maximum number of steps.
+            early_stopping: graph mode: stop a query's walk when a step adds nothing to its results.
+            seed: graph mode: seed of the initial sample (the same sample serves every query).
+            batch_size: queries encoded and searched together.
+            device: where q-nets score documents (default: the model's device). The model is not moved.
+            verbose: show a progress bar over the queries.
+
+        Raises:
+            ValueError: on a bad parameter, or when the model does not match the index.
+        """
+        if mode not in _MODES:
+            raise ValueError(f'mode must be one of {_MODES}; got {mode!r}')
+        _check_positive('num_results', num_results)
+        _check_positive('n_initial', n_initial)
+        _check_positive('n_candidates', n_candidates)
+        _check_positive('max_iter', max_iter, 0)
+        _check_positive('batch_size', batch_size)
+        self.model = model
+        self.index = _load_index(index)
+        self.index.check_model(model)
+        if mode == 'graph':
+            self.index.graph_edges()  # raises, explaining how to build a graph, if there is none
+        self.num_results = int(num_results)
+        self.mode = mode
+        self.n_initial = n_initial
+        self.n_candidates = n_candidates
+        self.max_iter = max_iter
+        self.early_stopping = early_stopping
+        self.seed = seed
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else None
+        self.verbose = verbose
+        self._vectors = None
+        self._edges = None
+
+    def __repr__(self) -> str:
+        args = [repr(str(self.index.path)), f'num_results={self.num_results}', f'mode={self.mode!r}']
+        if self.mode == 'graph':
+            args += [f'n_initial={self.n_initial}', f'n_candidates={self.n_candidates}', f'max_iter={self.max_iter}',
+                     f'early_stopping={self.early_stopping}', f'seed={self.seed}']
+        return f'HypencoderRetriever({", ".join(args)})'
+
+    def fuse_rank_cutoff(self, k: int) -> Optional[HypencoderRetriever]:
+        """``retriever % k`` as a retriever of ``k`` results, where that gives the same ranking.
+
+        Exhaustive search is exact, so its top-k is a prefix of any larger top-k. A graph walk without early
+        stopping scores the same documents whatever ``num_results`` is; with early stopping a smaller
+        ``num_results`` can stop the walk sooner, so the cutoff is left to a separate transformer.
+        """
+        if not 1 <= k < self.num_results or (self.mode == 'graph' and self.early_stopping):
+            return None
+        fused = copy.copy(self)  # shares the resident vectors
+        fused.num_results = k
+        return fused
+
+    @property
+    def search_device(self) -> torch.device:
+        """The device where documents are scored."""
+        return self.device if self.device is not None else self.model.device
+
+    def _search_vectors(self):
+        device = self.search_device
+        if self._vectors is None or self._vectors[0] != (device, self.model.dtype):
+            self._vectors = ((device, self.model.dtype), place_vectors(self.index.vectors(), device, self.model.dtype))
+        return self._vectors[1]
+
+    def _search(self, qnets):
+        vectors = self._search_vectors()
+        if self.mode == 'exhaustive':
+            return exhaustive_search(qnets, vectors, self.num_results)
+        if self._edges is None:
+            self._edges = self.index.graph_edges()
+        scores, ids, _ = graph_search(qnets, vectors, self._edges, self.num_results,
+                                      n_initial=self.n_initial, n_candidates=self.n_candidates, max_iter=self.max_iter,
+                                      early_stopping=self.early_stopping, seed=self.seed)
+        return scores, ids
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        """Retrieves ``num_results`` documents for each query of ``inp``."""
+        pt.validate.query_frame(inp, extra_columns=['query'], context=self)
+        if len(inp) == 0:
+            return inp.assign(docno=pd.Series(dtype=str), score=pd.Series(dtype='float64'),
+                              rank=pd.Series(dtype='int64'))
+        queries = check_queries(inp)
+        all_scores, all_ids = [], []
+        bar = pt.tqdm(total=len(queries), desc=repr(self), unit='query', disable=not self.verbose)
+        with bar, torch.inference_mode():
+            for start in range(0, len(queries), self.batch_size):
+                batch = queries[start:start + self.batch_size]
+                qnets = self.model.encode_queries(batch, batch_size=self.batch_size)
+                scores, ids = self._search(qnets.to(self.search_device))
+                all_scores.append(scores.double().numpy())
+                all_ids.append(ids.numpy())
+                bar.update(len(batch))
+        scores = np.concatenate(all_scores)
+        ids = np.concatenate(all_ids)
+        # Graph walks that found fewer documents than asked for are padded with id -1.
+        found = ids >= 0
+        counts = found.sum(axis=1)
+        out = inp.iloc[np.repeat(np.arange(len(inp)), counts)].reset_index(drop=True)
+        return out.assign(docno=self.index.docnos.fwd[ids[found]], score=scores[found],
+                          rank=np.concatenate([np.arange(c) for c in counts]).astype('int64'))
