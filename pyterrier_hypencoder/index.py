@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
+import pandas as pd
 import pyterrier as pt
 import pyterrier_alpha as pta
 from npids import Lookup
@@ -74,20 +75,35 @@ class HypencoderIndex(pta.Artifact):
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise HypencoderIndexError(f'{meta_path} is corrupt ({e}); rebuild the index') from None
+        if not isinstance(meta, dict):
+            raise HypencoderIndexError(f'{meta_path} is corrupt (not a JSON object); rebuild the index')
         if meta.get('type') != self.ARTIFACT_TYPE or meta.get('format') != self.ARTIFACT_FORMAT:
             kind = f'{meta.get("type")}/{meta.get("format")}'
             raise HypencoderIndexError(f'{self.path} holds a {kind} artifact, not a Hypencoder index')
-        vec_file = self.path / _VEC_FILES.get(meta.get('dtype'), 'unknown')
+        missing = [key for key in ('doc_count', 'vec_size', 'dtype') if key not in meta]
+        graph = meta.get('graph')
+        if missing or meta.get('dtype') not in _VEC_FILES or (graph and (not isinstance(graph, dict) or 'k' not in graph)):
+            raise HypencoderIndexError(f'{meta_path} is corrupt (missing {missing}, or an unknown dtype or graph entry); '
+                                       'rebuild the index')
+        vec_file = self.path / _VEC_FILES[meta['dtype']]
         want = meta['doc_count'] * meta['vec_size'] * np.dtype(meta['dtype']).itemsize
         if not vec_file.exists() or vec_file.stat().st_size != want:
             have = vec_file.stat().st_size if vec_file.exists() else 'missing'
             raise HypencoderIndexError(f'{vec_file} should hold {want} bytes ({meta["doc_count"]} x {meta["vec_size"]} '
                               f'{meta["dtype"]}) but is {have}: the index is truncated or corrupt; rebuild it')
-        if meta.get('graph'):
-            edges = self.path / _graph_dirname(meta['graph']['k']) / 'edges.u32.np'
-            want = meta['doc_count'] * meta['graph']['k'] * 4
-            if not edges.exists() or edges.stat().st_size != want:
-                raise HypencoderIndexError(f'{edges} is missing or truncated (expected {want} bytes); rebuild the index')
+        if not (self.path / 'docnos.npids').exists():
+            raise HypencoderIndexError(f'{self.path / "docnos.npids"} is missing: the index is incomplete; rebuild it')
+        if graph:
+            gdir = self.path / _graph_dirname(graph['k'])
+            n_edges = meta['doc_count'] * graph['k']
+            # Sizes are checked, not just presence: a truncated edges file would otherwise be read as a shorter graph.
+            for name, want in (('edges.u32.np', 4 * n_edges), ('weights.f16.np', 2 * n_edges), ('pt_meta.json', None),
+                               ('docnos.npids', None)):
+                f = gdir / name
+                if not f.exists() or (want is not None and f.stat().st_size != want):
+                    expected = f' (expected {want} bytes)' if want is not None else ''
+                    raise HypencoderIndexError(f'{f} is missing or truncated{expected}: the neighbour graph is corrupt; '
+                                               'rebuild the index')
         return meta
 
     def __len__(self) -> int:
@@ -112,7 +128,12 @@ class HypencoderIndex(pta.Artifact):
     def docnos(self) -> Lookup:
         """Docno lookup: ``docnos.fwd[rows]`` gives docnos; prefer :meth:`rows` for docno -> row."""
         self.meta  # noqa: B018 -- validates the folder first
-        lookup = Lookup(self.path / 'docnos.npids')
+        try:
+            lookup = Lookup(self.path / 'docnos.npids')
+            lookup.fwd[[0, len(lookup) - 1]]  # reads the codecs, so a damaged file fails here and not mid-search
+        except Exception as e:  # npids raises struct, JSON, index and OS errors on damaged files
+            raise HypencoderIndexError(f'{self.path / "docnos.npids"} is unreadable ({type(e).__name__}: {e}); the index '
+                                       'is corrupt; rebuild it') from None
         if len(lookup) != len(self):
             raise HypencoderIndexError(f'{self.path / "docnos.npids"} has {len(lookup)} docnos for {len(self)} vectors; '
                               'the index is corrupt; rebuild it')
@@ -127,7 +148,18 @@ class HypencoderIndex(pta.Artifact):
         docnos = [str(d) for d in docnos]
         if not docnos:
             return np.zeros(0, dtype=np.int64)
-        rows = np.asarray(self.docnos.inv[docnos], dtype=np.int64)
+        lookup = self.docnos
+        try:
+            rows = np.asarray(lookup.inv[docnos], dtype=np.int64)
+        except ValueError:
+            # npids' integer-sequence codec fails on keys no longer than its prefix ('3' or '' when the docnos are
+            # 'd0', 'd1', ...); such keys are not in the index. One by one, only the failing keys come out unknown.
+            rows = np.array([_lookup_one(lookup, d) for d in docnos], dtype=np.int64)
+        # That codec also maps 'd007' to the row of 'd7' (and '0012' to '12'): only an exact round trip counts.
+        found = np.nonzero(rows >= 0)[0]
+        if len(found):
+            back = np.asarray(lookup.fwd[rows[found]], dtype=object)
+            rows[found[back != np.asarray([docnos[i] for i in found], dtype=object)]] = -1
         if (rows < 0).any():
             unknown = [d for d, r in zip(docnos, rows) if r < 0]
             raise KeyError(f'{len(unknown)} docno(s) are not in the index {self.path}, e.g. {unknown[:5]}')
@@ -195,6 +227,21 @@ class HypencoderIndex(pta.Artifact):
         """A :class:`~pyterrier_hypencoder.reranker.HypencoderReranker` scoring this index's stored vectors."""
         from .reranker import HypencoderReranker
         return HypencoderReranker(model, self, **kwargs)
+
+    def flex_index(self, **kwargs):
+        """The same vectors as a ``pyterrier_dr.FlexIndex`` (float32 indexes only), e.g. for a dot-product baseline.
+
+        A float32 index uses FlexIndex's layout (``vecs.f4`` + ``docnos.npids``), so pyterrier-dr's retrievers
+        read it in place: ``bi_encoder >> index.flex_index().retriever()`` ranks by inner product, no copy made.
+
+        Args:
+            **kwargs: passed to ``FlexIndex`` (e.g. ``sim_fn``, ``verbose``).
+        """
+        if self.meta['dtype'] != 'float32':
+            raise HypencoderIndexError(f'{self.path} stores {self.meta["dtype"]} vectors; FlexIndex reads float32 only '
+                                       '(build the index with fp16=False)')
+        from pyterrier_dr import FlexIndex
+        return FlexIndex(self.path, **kwargs)
 
 
 class HypencoderIndexer(pt.Indexer):
@@ -294,6 +341,10 @@ class HypencoderIndexer(pt.Indexer):
                 if value is None:
                     raise ValueError(f'document {start + i} (docno {doc.get("docno")!r}) has no {field!r} field; it '
                                      f'has {sorted(doc)}. Choose the text field(s) with text_field=...')
+                if _is_missing(value):
+                    # str(nan) would index the word "nan" in place of the document.
+                    raise ValueError(f'document {start + i} (docno {doc.get("docno")!r}) has a missing {field!r} value '
+                                     f'({value!r}); fill it (e.g. with "") or drop the document')
                 parts.append(str(value))
             texts.append(' '.join(parts))
         return texts
@@ -307,7 +358,7 @@ class HypencoderIndexer(pt.Indexer):
             for chunk in _chunks(it, self.chunk_size):
                 for i, doc in enumerate(chunk):
                     docno = doc.get('docno') if isinstance(doc, dict) else None
-                    if docno is None:
+                    if _is_missing(docno):
                         raise ValueError(f'document {count + i} has no docno: each document must be a dict with a '
                                          f'"docno" and {self.text_fields}')
                     builder.add(str(docno))
@@ -365,6 +416,18 @@ class HypencoderIndexer(pt.Indexer):
             json.dump({'type': 'corpus_graph', 'format': 'np_topk', 'package_hint': 'pyterrier-adaptive',
                        'doc_count': n, 'k': k, 'metric': 'l2'}, f)
         return {'k': k, 'metric': 'l2', 'method': self.graph}
+
+
+def _lookup_one(lookup: Lookup, docno: str) -> int:
+    try:
+        return int(lookup.inv[[docno]][0])
+    except ValueError:
+        return -1
+
+
+def _is_missing(value) -> bool:
+    """None, NaN or pd.NA: what a DataFrame holds where a field is missing."""
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
 
 
 def _chunks(it: Iterable, size: int) -> Iterable[list]:

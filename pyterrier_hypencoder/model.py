@@ -24,10 +24,27 @@ DTypeLike = Union[None, str, torch.dtype]
 
 
 def default_device(device: Union[None, str, torch.device] = None) -> torch.device:
-    """``device`` if given, else cuda when available, else cpu."""
+    """``device`` if given, else cuda when available, else cpu.
+
+    Raises:
+        ValueError: for a device that is not a device name, or a CUDA device this machine does not have.
+    """
     if device is None:
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f'{device!r} is not a device ({e}); use "cpu", "cuda" or "cuda:N"') from None
+    # Checked here, as torch would only fail at the first tensor moved, deep inside encoding or search.
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f'device {str(device)!r} was requested but CUDA is not available on this machine '
+                             '(torch.cuda.is_available() is False); use device="cpu", or None to use CUDA only when '
+                             'it is available')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f'device {str(device)!r} was requested but this machine has {torch.cuda.device_count()} '
+                             'CUDA device(s); use one of them')
+    return device
 
 
 def _dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
@@ -233,6 +250,8 @@ class Hypencoder(nn.Module):
         return AutoTokenizer.from_pretrained(str(local) if (local / 'tokenizer_config.json').exists() else fallback)
 
     def _place(self, device, dtype: DTypeLike) -> Hypencoder:
+        self._check_max_length(self.query_max_length, 'query_max_length')
+        self._check_max_length(self.doc_max_length, 'doc_max_length')
         self.to(device=default_device(device), dtype=_dtype(dtype) or torch.float32)
         return self.eval()
 
@@ -306,9 +325,21 @@ class Hypencoder(nn.Module):
 
     # ---- text in, tensors out -------------------------------------------------------------------------------
 
+    def _check_max_length(self, max_length: int, name: str = 'max_length') -> None:
+        # Longer inputs than the position embeddings fail deep inside the backbone with a shape error.
+        limits = [getattr(b.config, 'max_position_embeddings', None) for b in (self.backbone, self.doc_backbone)
+                  if b is not None]
+        limit = min((x for x in limits if isinstance(x, int)), default=None)
+        if max_length < 1:
+            raise ValueError(f'{name} must be >= 1; got {max_length}')
+        if limit is not None and max_length > limit:
+            raise ValueError(f'{name}={max_length} is more tokens than the backbone has positions ({limit}); set '
+                             f'{name} to at most {limit}')
+
     def tokenize(self, texts: Sequence[str], max_length: int) -> dict:
         """Tokenises ``texts`` padded to the longest, truncated to ``max_length``, on the model's device."""
         _check_texts(texts)
+        self._check_max_length(max_length)
         enc = self.tokenizer(list(texts), padding='longest', truncation=True, max_length=max_length,
                              return_tensors='pt', return_token_type_ids=False)
         return {'input_ids': enc['input_ids'].to(self.device), 'attention_mask': enc['attention_mask'].to(self.device)}
@@ -343,6 +374,7 @@ class Hypencoder(nn.Module):
         Returns:
             :class:`QNets` in input order; ``.score(doc_vectors)`` gives ``[n_queries, n_docs]``.
         """
+        self._check_max_length(self.query_max_length, 'query_max_length')
         parts, positions = [], []
         for pos, batch in _progress(self._length_sorted_batches(queries, self.query_max_length, batch_size),
                                     verbose, len(queries), batch_size, 'encoding queries'):
@@ -365,6 +397,7 @@ class Hypencoder(nn.Module):
         Returns:
             ``[n_docs, dim]`` tensor on the model's device, in the model's dtype.
         """
+        self._check_max_length(self.doc_max_length, 'doc_max_length')
         out = torch.empty(len(docs), self.dim, device=self.device, dtype=self.dtype)
         for pos, batch in _progress(self._length_sorted_batches(docs, self.doc_max_length, batch_size),
                                     verbose, len(docs), batch_size, 'encoding documents'):

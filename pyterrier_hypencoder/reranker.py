@@ -1,6 +1,7 @@
 """HypencoderReranker: scores given (query, document) pairs with a Hypencoder's q-nets."""
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Sequence, Union
 
@@ -10,7 +11,7 @@ import pyterrier as pt
 import torch
 
 from .qnet import QNets
-from .retriever import _check_positive, _load_index, check_queries
+from .retriever import _check_positive, _load_index, check_device, check_queries
 
 __all__ = ['HypencoderReranker']
 
@@ -30,6 +31,14 @@ class HypencoderReranker(pt.Transformer):
     Input: ``qid``, ``query``, ``docno`` (and the text column when there is no index). Output: the input with
     ``score`` and ``rank`` (0-based) replaced, best first within each query, queries in input order.
 
+    Input checks: an empty or whitespace-only query raises a ``ValueError`` naming its qids, a non-string query or
+    text (NaN, None) a ``TypeError``, and, with an index, a docno that is not in it a ``KeyError`` naming it.
+    Without an index and without the text column, the error says how to add the text or an index. Empty
+    document texts are scored like any other text. ``qid``, ``docno`` and the other columns are passed through
+    as given (integer qids and docnos stay integers; docnos are looked up in the index as strings).
+
+    One reranker may serve several threads at once (its small cache of recent q-nets is locked).
+
     Example::
 
         pipeline = bm25 >> pt.text.get_text(dataset, 'text') >> HypencoderReranker(model)
@@ -48,17 +57,34 @@ class HypencoderReranker(pt.Transformer):
             batch_size: queries encoded together, and documents per encoder forward pass.
             device: where q-nets score documents (default: the model's device). The model is not moved.
             verbose: show a progress bar over the queries.
+
+        Raises:
+            ValueError: on a bad parameter or an unavailable device.
+            HypencoderIndexError: (a ValueError) when the index is incomplete or corrupt, or does not match the model.
         """
         _check_positive('batch_size', batch_size)
+        self.device = check_device(device)
         self.model = model
         self.index = _load_index(index) if index is not None else None
         if self.index is not None:
             self.index.check_model(model)
+            self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not at the first batch
         self.text_field = text_field
         self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else None
         self.verbose = verbose
         self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # Locks cannot be pickled or shared with a copy; cached q-nets are cheap to recompute.
+        state = self.__dict__.copy()
+        del state['_lock'], state['_cache']
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache = OrderedDict()
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         source = repr(str(self.index.path)) if self.index is not None else f'text_field={self.text_field!r}'
@@ -71,7 +97,8 @@ class HypencoderReranker(pt.Transformer):
 
     def clear_cache(self) -> None:
         """Forgets the cached q-nets of recent queries (call it after changing the model's weights)."""
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
 
     def _validate(self, inp: pd.DataFrame) -> None:
         try:
@@ -90,16 +117,22 @@ class HypencoderReranker(pt.Transformer):
             raise
 
     def _qnets(self, queries: Sequence[str]) -> QNets:
-        missing = [q for q in dict.fromkeys(queries) if q not in self._cache]
+        """The q-nets of ``queries``, from the cache where it has them."""
+        # The cache is only touched under the lock, and the q-nets used come from a local dict, so threads that
+        # evict each other's entries meanwhile change nothing here. Encoding runs outside the lock.
+        with self._lock:
+            found = {q: self._cache[q] for q in queries if q in self._cache}
+            for q in found:
+                self._cache.move_to_end(q)
+        missing = [q for q in dict.fromkeys(queries) if q not in found]
         if missing:
             qnets = self.model.encode_queries(missing, batch_size=self.batch_size).to(self.search_device)
-            for i, q in enumerate(missing):
-                self._cache[q] = qnets[i]
-        for q in queries:
-            self._cache.move_to_end(q)
-        while len(self._cache) > max(_QNET_CACHE, len(queries)):
-            self._cache.popitem(last=False)
-        return QNets.cat([self._cache[q] for q in queries])
+            found.update((q, qnets[i]) for i, q in enumerate(missing))
+            with self._lock:
+                self._cache.update((q, found[q]) for q in missing)
+                while len(self._cache) > _QNET_CACHE:
+                    self._cache.popitem(last=False)
+        return QNets.cat([found[q] for q in queries])
 
     def _doc_vectors(self, frame: pd.DataFrame) -> torch.Tensor:
         """Vectors of the documents of ``frame``'s rows, on the scoring device."""
@@ -143,8 +176,6 @@ class HypencoderReranker(pt.Transformer):
                     lo, hi = bounds[first + j] - bounds[first], bounds[first + j + 1] - bounds[first]
                     scores[rows[lo:hi]] = qnets[j].score(vectors[lo:hi])[0].double().cpu().numpy()
                 bar.update(last - first)
-        while len(self._cache) > _QNET_CACHE:
-            self._cache.popitem(last=False)
         out = inp.assign(score=scores)
         out['rank'] = out.groupby('qid', sort=False)['score'].rank(ascending=False, method='first').astype('int64') - 1
         qid_order, _ = pd.factorize(out['qid'])

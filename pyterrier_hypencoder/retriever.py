@@ -9,6 +9,7 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
+from .model import default_device
 from .search import exhaustive_search, graph_search, place_vectors
 
 __all__ = ['HypencoderRetriever']
@@ -31,13 +32,28 @@ def _check_positive(name: str, value, low: int = 1) -> None:
 
 
 def check_queries(inp: pd.DataFrame) -> list:
-    """The ``query`` column as a list of strings, with a clear error for missing or tokenised queries."""
+    """The ``query`` column as a list of strings.
+
+    Raises:
+        TypeError: naming the qids whose query is not a string (NaN, None, a number, a token list).
+        ValueError: naming the qids whose query is empty or whitespace only: a Hypencoder would still make a
+            q-net from the special tokens alone, and rank the corpus for no query at all.
+    """
     queries = inp['query'].tolist()
     bad = [(qid, q) for qid, q in zip(inp['qid'], queries) if not isinstance(q, str)]
     if bad:
         raise TypeError(f'{len(bad)} queries are not strings, e.g. qid {bad[0][0]!r}: {bad[0][1]!r}; fill or drop them '
                         'before retrieval')
+    empty = [qid for qid, q in zip(inp['qid'], queries) if not q.strip()]
+    if empty:
+        raise ValueError(f'{len(empty)} queries are empty or whitespace only (qids {empty[:5]}); drop them (e.g. '
+                         'topics[topics["query"].str.strip() != ""]) or fill them before retrieval')
     return queries
+
+
+def check_device(device) -> Optional[torch.device]:
+    """``device`` as a ``torch.device`` (None stays None), failing now if this machine does not have it."""
+    return default_device(device) if device is not None else None
 
 
 class HypencoderRetriever(pt.Transformer):
@@ -57,6 +73,13 @@ class HypencoderRetriever(pt.Transformer):
 
     With ``num_results`` larger than the corpus, exhaustive search returns every document. A graph walk returns
     at most the documents it scored, so fewer than ``num_results`` when it stops early on a small corpus.
+
+    Input checks: queries must be non-empty strings; an empty or whitespace-only query raises a ``ValueError``
+    naming its qids, and a non-string one (NaN, None) a ``TypeError``. The ``qid`` column and the input's other
+    columns are passed through as given (integer qids stay integers); docnos come out as strings. Parameters,
+    the device, and the index files are checked when the retriever is built, not at the first query.
+
+    One retriever may serve several threads at once; a graph walk is deterministic given ``seed``.
 
     Example::
 
@@ -79,13 +102,14 @@ class HypencoderRetriever(pt.Transformer):
             n_candidates: graph mode: best documents of each step whose neighbours are scored next.
             max_iter: graph mode: maximum number of steps.
             early_stopping: graph mode: stop a query's walk when a step adds nothing to its results.
-            seed: graph mode: seed of the initial sample (the same sample serves every query).
+            seed: graph mode: seed of the initial sample (the same sample serves every query); an integer >= 0.
             batch_size: queries encoded and searched together.
             device: where q-nets score documents (default: the model's device). The model is not moved.
             verbose: show a progress bar over the queries.
 
         Raises:
-            ValueError: on a bad parameter, or when the model does not match the index.
+            ValueError: on a bad parameter or an unavailable device.
+            HypencoderIndexError: (a ValueError) when the index is incomplete or corrupt, or does not match the model.
         """
         if mode not in _MODES:
             raise ValueError(f'mode must be one of {_MODES}; got {mode!r}')
@@ -93,10 +117,15 @@ class HypencoderRetriever(pt.Transformer):
         _check_positive('n_initial', n_initial)
         _check_positive('n_candidates', n_candidates)
         _check_positive('max_iter', max_iter, 0)
+        _check_positive('seed', seed, 0)
         _check_positive('batch_size', batch_size)
+        if not isinstance(early_stopping, (bool, np.bool_)):
+            raise ValueError(f'early_stopping must be True or False; got {early_stopping!r}')
+        self.device = check_device(device)
         self.model = model
         self.index = _load_index(index)
         self.index.check_model(model)
+        self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not after the first search
         if mode == 'graph':
             self.index.graph_edges()  # raises, explaining how to build a graph, if there is none
         self.num_results = int(num_results)
@@ -107,7 +136,6 @@ class HypencoderRetriever(pt.Transformer):
         self.early_stopping = early_stopping
         self.seed = seed
         self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else None
         self.verbose = verbose
         self._vectors = None
         self._edges = None
