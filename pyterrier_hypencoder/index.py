@@ -255,7 +255,7 @@ class HypencoderIndexer(pt.Indexer):
 
     def __init__(self, model, path: Union[str, os.PathLike], *, neighbours: Optional[int] = 100,
                  graph: Optional[str] = 'auto', text_field: Union[str, Sequence[str]] = 'text',
-                 batch_size: int = 32, chunk_size: int = 4096, fp16: bool = False, overwrite: bool = False,
+                 batch_size: int = 32, chunk_size: int = 1024, fp16: bool = False, overwrite: bool = False,
                  verbose: bool = True):
         """
         Args:
@@ -353,9 +353,11 @@ class HypencoderIndexer(pt.Indexer):
         import torch
         model = self.model
         count = 0
-        it = pt.tqdm(docs, desc='indexing', unit='doc', disable=not self.verbose)
+        total = len(docs) if hasattr(docs, '__len__') else None
+        # Counts encoded documents (not documents read), so the bar moves with the real work.
+        progress = pt.tqdm(total=total, desc='indexing', unit='doc', disable=not self.verbose)
         with open(folder / _VEC_FILES[self.dtype], 'wb') as fvec, Lookup.builder(folder / 'docnos.npids') as builder:
-            for chunk in _chunks(it, self.chunk_size):
+            for chunk in _chunks(docs, self.chunk_size):
                 for i, doc in enumerate(chunk):
                     docno = doc.get('docno') if isinstance(doc, dict) else None
                     if _is_missing(docno):
@@ -366,6 +368,8 @@ class HypencoderIndexer(pt.Indexer):
                     vecs = model.encode_docs(self._texts(chunk, count), batch_size=self.batch_size)
                 fvec.write(vecs.float().cpu().numpy().astype(self.dtype).tobytes())
                 count += len(chunk)
+                progress.update(len(chunk))
+            progress.close()
             # Checked inside the block: npids cannot finish a lookup of fewer than two docnos.
             if count == 0:
                 raise ValueError('the corpus is empty: no documents were given to index')
