@@ -1,0 +1,32 @@
+"""Training Hypencoders (and the BE-Base inner-product baseline) on PyTerrier data.
+
+- :mod:`~pyterrier_hypencoder.train.losses`: the paper's losses as pure functions over score tensors.
+- :mod:`~pyterrier_hypencoder.train.data`: training data frames built from PyTerrier datasets, batch sampling,
+  dev sets.
+- :class:`DotEncoder`: BE-Base, the same backbone with an inner-product head.
+- :class:`Trainer` / :class:`TrainConfig`: head-only (frozen backbone, CPU-friendly) or full fine-tuning.
+- ``python -m pyterrier_hypencoder.train --help``: the command line.
+"""
+from .biencoder import DotEncoder
+from .data import (
+    Batch,
+    DevSet,
+    TrainingGroups,
+    build_training_data,
+    dataset_docs,
+    dataset_topics,
+    load_frame,
+    pisa_bm25,
+    save_frame,
+    split_topics,
+    training_data_from_dataset,
+)
+from .losses import distillation_loss, hard_negative_cross_entropy, in_batch_cross_entropy, margin_mse
+from .trainer import FeatureStore, ModelScorer, TrainConfig, Trainer, exhaustive_retrieve, warm_start_hypencoder
+
+__all__ = [
+    'Batch', 'DevSet', 'DotEncoder', 'FeatureStore', 'ModelScorer', 'TrainConfig', 'Trainer', 'TrainingGroups',
+    'build_training_data', 'dataset_docs', 'dataset_topics', 'distillation_loss', 'exhaustive_retrieve',
+    'hard_negative_cross_entropy', 'in_batch_cross_entropy', 'load_frame', 'margin_mse', 'pisa_bm25', 'save_frame',
+    'split_topics', 'training_data_from_dataset', 'warm_start_hypencoder',
+]

@@ -1,0 +1,226 @@
+"""Command line: ``python -m pyterrier_hypencoder.train --help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+EPILOG = """
+examples:
+  # head-only Hypencoder on SciFact (BM25 negatives, 20% of the training queries held out as dev), on a CPU
+  python -m pyterrier_hypencoder.train --backbone sentence-transformers/all-MiniLM-L6-v2 --pooling mean \\
+      --train irds:beir/scifact/train --dev-fraction 0.2 --test irds:beir/scifact/test --output runs/scifact
+
+  # the BE-Base baseline: the same recipe with an inner-product head
+  python -m pyterrier_hypencoder.train ... --head dot
+
+  # full fine-tuning on a GPU, from your own training data
+  python -m pyterrier_hypencoder.train --backbone bert-base-uncased --full --train-data train.jsonl \\
+      --dev irds:beir/nfcorpus/dev --output runs/full
+
+outputs in --output: final/ (the trained model: best dev checkpoint when there is a dev set, else the last),
+best/, checkpoint-<step>/ (resumable; --resume continues the latest), trainer_state.json (losses, dev scores).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='python -m pyterrier_hypencoder.train',
+        description='Train a Hypencoder (or the BE-Base inner-product baseline) on PyTerrier data: the paper\'s '
+                    'distillation/cross-entropy recipe, head-only on a frozen backbone (CPU-friendly) or with full '
+                    'fine-tuning.',
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    m = p.add_argument_group('model')
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument('--backbone', help='Hugging Face encoder (folder or hub name) to put a new head on')
+    src.add_argument('--init', help='a model saved by this package (Hypencoder or DotEncoder folder) to continue training')
+    m.add_argument('--head', choices=['hypencoder', 'dot'], default='hypencoder',
+                   help='hypencoder: q-nets from a hyperhead; dot: BE-Base, inner product with a query projection '
+                        '(default: %(default)s)')
+    m.add_argument('--qnet-layers', type=int, default=2,
+                   help='q-net depth, hidden blocks + final matrix as in the paper (default: %(default)s)')
+    m.add_argument('--residual-on-last', action='store_true',
+                   help='residual connection on the last hidden q-net block too (not in the released models)')
+    m.add_argument('--pooling', choices=['cls', 'mean'], default='cls',
+                   help='document vector pooling; cls is the paper\'s, mean suits sentence-transformers encoders '
+                        '(default: %(default)s)')
+    m.add_argument('--normalize', action='store_true', help='dot head only: cosine instead of inner product')
+    m.add_argument('--query-max-length', type=int, default=64, help='query tokens kept (default: %(default)s)')
+    m.add_argument('--doc-max-length', type=int, default=512, help='document tokens kept (default: %(default)s)')
+    m.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda when available)')
+
+    d = p.add_argument_group('training data (one of --train / --train-data)')
+    data = d.add_mutually_exclusive_group(required=True)
+    data.add_argument('--train', metavar='DATASET',
+                      help='a PyTerrier dataset with topics and qrels, e.g. irds:beir/scifact/train: BM25 '
+                           '(pyterrier-pisa) over its corpus gives candidates (negatives), qrels the positives')
+    data.add_argument('--train-data', metavar='FILE',
+                      help='.jsonl/.tsv/.parquet with qid, query, docno, text and label and/or score (teacher)')
+    d.add_argument('--fields', nargs='+', default=['title', 'text'],
+                   help='document fields joined into the text (default: %(default)s)')
+    d.add_argument('--topics-variant', help='query field of the topics (e.g. text for NFCorpus; default: automatic)')
+    d.add_argument('--candidates', type=int, default=100, help='BM25 candidates per query (default: %(default)s)')
+    d.add_argument('--pisa-index', help='folder of the BM25 index (default: OUTPUT/bm25.pisa, built if missing)')
+    d.add_argument('--teacher', default='none',
+                   help='teacher scores for the distillation loss: none (labels only, cross-entropy), backbone '
+                        '(zero-shot cosine of the backbone\'s mean-pooled vectors), or a folder of a model saved by '
+                        'this package (default: %(default)s)')
+    d.add_argument('--save-train-data', metavar='FILE', help='also write the built training data to FILE')
+
+    v = p.add_argument_group('dev set (best checkpoint selection)')
+    dev = v.add_mutually_exclusive_group()
+    dev.add_argument('--dev', metavar='DATASET', help='a dataset split whose whole corpus is ranked, e.g. '
+                                                      'irds:beir/nfcorpus/dev')
+    dev.add_argument('--dev-fraction', type=float,
+                     help='hold out this fraction of the --train queries as the dev set (their corpus is ranked)')
+    v.add_argument('--metric', default='Rprec', help='dev measure to maximise (ir_measures name; default: %(default)s)')
+    v.add_argument('--eval-every', type=int, default=0, help='evaluate every N steps (default: only at the end)')
+    v.add_argument('--test', metavar='DATASET', help='after training, evaluate the final model on this split')
+    v.add_argument('--test-metrics', nargs='+', default=['nDCG@10', 'Rprec', 'R@100'],
+                   help='measures reported on --test (default: %(default)s)')
+
+    o = p.add_argument_group('optimisation')
+    o.add_argument('--full', action='store_true', help='fine-tune the backbone too (default: head-only, backbone frozen)')
+    o.add_argument('--steps', type=int, default=1000, help='optimizer steps (default: %(default)s)')
+    o.add_argument('--batch-size', type=int, default=32, help='queries per step (default: %(default)s)')
+    o.add_argument('--negatives', type=int, default=7, help='sampled negatives per query (default: %(default)s)')
+    o.add_argument('--lr', type=float, help='peak learning rate (default: 1e-3 head-only, 2e-5 full)')
+    o.add_argument('--head-lr', type=float, help='learning rate of the head in full fine-tuning (default: --lr)')
+    o.add_argument('--weight-decay', type=float, default=0.0, help='AdamW weight decay (default: %(default)s)')
+    o.add_argument('--warmup', type=int, default=100, help='linear warm-up steps (default: %(default)s)')
+    o.add_argument('--schedule', choices=['constant', 'linear'], default='constant',
+                   help='after warm-up (default: %(default)s)')
+    o.add_argument('--grad-clip', type=float, default=1.0, help='max gradient norm, 0 disables (default: %(default)s)')
+    o.add_argument('--loss', choices=['auto', 'distill', 'ce'], default='auto',
+                   help='distill: Margin-MSE + in-batch cross-entropy (needs teacher scores); ce: cross-entropy over '
+                        'hard and in-batch negatives; auto: distill when there are teacher scores (default)')
+    o.add_argument('--no-in-batch', action='store_true', help='ce loss without in-batch negatives')
+    o.add_argument('--temperature', type=float, help='cross-entropy temperature (default: 0.05 cosine, else 1)')
+    o.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
+    o.add_argument('--no-bf16', action='store_true', help='disable bf16 autocast on CUDA')
+
+    out = p.add_argument_group('output')
+    out.add_argument('--output', required=True, help='output folder')
+    out.add_argument('--save-every', type=int, default=0, help='write a resumable checkpoint every N steps')
+    out.add_argument('--resume', action='store_true', help='continue from the latest checkpoint in --output')
+    out.add_argument('--cache-dir', help='where head-only training caches frozen encodings (default: OUTPUT/features)')
+    out.add_argument('--quiet', action='store_true', help='no progress bars')
+    return p
+
+
+def _load_model(args):
+    from pyterrier_hypencoder import Hypencoder, QNetSpec
+    from pyterrier_hypencoder.checkpoint import read_json, resolve_folder
+
+    from .biencoder import FORMAT_NAME as DOT_FORMAT
+    from .biencoder import DotEncoder
+    if args.init:
+        folder = resolve_folder(args.init)
+        if DOT_FORMAT in read_json(folder / 'config.json'):
+            return DotEncoder.from_pretrained(folder, device=args.device)
+        return Hypencoder.from_pretrained(folder, device=args.device)
+    if args.head == 'dot':
+        return DotEncoder.from_backbone(args.backbone, pooling=args.pooling, normalize=args.normalize,
+                                        query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
+                                        device=args.device)
+    if args.normalize:
+        raise SystemExit('--normalize applies to --head dot only')
+    model = Hypencoder.from_backbone(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
+                                     query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
+                                     seed=args.seed, device=args.device)
+    if args.residual_on_last:
+        spec = QNetSpec(vector_dimensions=model.spec.vector_dimensions, residual_on_last=True)
+        model = Hypencoder(model.backbone, model.tokenizer, spec, pooling=args.pooling,
+                           query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
+                           name_or_path=args.backbone)
+        import torch
+        model.hyperhead.reset_parameters(torch.Generator().manual_seed(args.seed))
+        model = model._place(args.device, None)
+    return model
+
+
+def _teacher(args):
+    if args.teacher == 'none':
+        return None
+    from .biencoder import DotEncoder
+    from .trainer import ModelScorer
+    if args.teacher == 'backbone':
+        if not args.backbone:
+            raise SystemExit('--teacher backbone needs --backbone')
+        return ModelScorer(DotEncoder.from_backbone(args.backbone, pooling='mean', normalize=True,
+                                                    query_projection=False, query_max_length=args.query_max_length,
+                                                    doc_max_length=args.doc_max_length, device=args.device))
+    return ModelScorer.from_pretrained(args.teacher, device=args.device)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    import pyterrier as pt  # noqa: F401  (imported after argument parsing, so --help stays fast)
+
+    from . import data as D
+    from .trainer import TrainConfig, Trainer, exhaustive_retrieve
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    verbose = not args.quiet
+    model = _load_model(args)
+
+    dev = None
+    train_topics = None
+    if args.train:
+        train_topics = D.dataset_topics(args.train, args.topics_variant)
+        corpus = D.dataset_docs(args.train, args.fields, verbose=verbose)
+        if args.dev_fraction:
+            train_topics, dev_topics = D.split_topics(train_topics, args.dev_fraction, seed=args.seed)
+            dev = D.DevSet(dev_topics, pt.get_dataset(args.train).get_qrels(), corpus)
+        bm25 = D.pisa_bm25(corpus, args.pisa_index or output / 'bm25.pisa')
+        frame = D.build_training_data(train_topics, pt.get_dataset(args.train).get_qrels(), bm25, corpus,
+                                      num_candidates=args.candidates, teacher=_teacher(args), verbose=verbose)
+    else:
+        if args.dev_fraction:
+            raise SystemExit('--dev-fraction needs --train (use --dev with --train-data)')
+        frame = D.load_frame(args.train_data)
+        teacher = _teacher(args)
+        if teacher is not None:
+            frame = frame.drop(columns=['score'], errors='ignore').merge(
+                teacher(frame[['qid', 'query', 'docno', 'text']])[['qid', 'docno', 'score']], on=['qid', 'docno'])
+    if args.save_train_data:
+        D.save_frame(frame, args.save_train_data)
+    if args.dev:
+        dev = D.DevSet.from_dataset(args.dev, fields=args.fields, topics_variant=args.topics_variant)
+
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, num_negatives=args.negatives, lr=args.lr, head_lr=args.head_lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule, grad_clip=args.grad_clip,
+        loss=args.loss, in_batch=not args.no_in_batch, temperature=args.temperature, head_only=not args.full,
+        seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, metric=args.metric,
+        bf16=not args.no_bf16)
+    trainer = Trainer(model, frame, config, dev=dev, output_dir=output, verbose=verbose,
+                      cache_dir=args.cache_dir or output / 'features')
+    if verbose:
+        print(trainer, file=sys.stderr)
+    model = trainer.train(resume_from=True if args.resume else None)
+    model.save_pretrained(output / 'final')
+
+    summary = {'final': str(output / 'final'), 'best_step': trainer.state.best_step,
+               f'dev_{args.metric}': trainer.state.best_metric}
+    if args.test:
+        import ir_measures
+        test = pt.get_dataset(args.test)
+        topics = D.dataset_topics(test, args.topics_variant)
+        docs = D.dataset_docs(test, args.fields, verbose=verbose)
+        vectors = trainer.frozen_doc_vectors(docs['text'].tolist()) if config.head_only else \
+            model.encode_docs(docs['text'].tolist(), verbose=verbose)
+        run = exhaustive_retrieve(model, topics, vectors, docs['docno'].tolist())
+        measures = [ir_measures.parse_measure(m) for m in args.test_metrics]
+        qrels = test.get_qrels().rename(columns={'qid': 'query_id', 'docno': 'doc_id', 'label': 'relevance'})
+        scores = ir_measures.calc_aggregate(measures, qrels, run.rename(columns={'qid': 'query_id', 'docno': 'doc_id'}))
+        summary['test'] = {str(m): float(scores[m]) for m in measures}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
