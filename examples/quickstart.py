@@ -34,7 +34,7 @@ def offline_datasets() -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workdir', default=str(ROOT / '.cache' / 'quickstart'), help='indexes and models go here')
-    parser.add_argument('--steps', type=int, default=300, help='training steps for each model (default: %(default)s)')
+    parser.add_argument('--steps', type=int, default=150, help='training steps for each model (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     args = parser.parse_args()
     started = time.time()

@@ -231,8 +231,9 @@ class HypencoderIndex(pta.Artifact):
     def flex_index(self, **kwargs):
         """The same vectors as a ``pyterrier_dr.FlexIndex`` (float32 indexes only), e.g. for a dot-product baseline.
 
-        A float32 index uses FlexIndex's layout (``vecs.f4`` + ``docnos.npids``), so pyterrier-dr's retrievers
-        read it in place: ``bi_encoder >> index.flex_index().retriever()`` ranks by inner product, no copy made.
+        A float32 index stores vectors in FlexIndex's layout (``vecs.f4`` + ``docnos.npids``); the FlexIndex lives
+        in the ``flex`` sub-folder, whose files link to them, so pyterrier-dr's retrievers read the vectors in place:
+        ``bi_encoder >> index.flex_index().retriever()`` ranks by inner product, with no copy made.
 
         Args:
             **kwargs: passed to ``FlexIndex`` (e.g. ``sim_fn``, ``verbose``).
@@ -241,7 +242,19 @@ class HypencoderIndex(pta.Artifact):
             raise HypencoderIndexError(f'{self.path} stores {self.meta["dtype"]} vectors; FlexIndex reads float32 only '
                                        '(build the index with fp16=False)')
         from pyterrier_dr import FlexIndex
-        return FlexIndex(self.path, **kwargs)
+        flex = self.path / 'flex'
+        if not (flex / 'pt_meta.json').exists():
+            tmp = self.path / f'.flex-{uuid.uuid4().hex[:8]}'
+            tmp.mkdir()
+            for name in ('vecs.f4', 'docnos.npids'):
+                os.symlink(os.path.join('..', name), tmp / name)  # relative, so the index folder can move
+            with open(tmp / 'pt_meta.json', 'w') as f:
+                json.dump({'type': 'dense_index', 'format': 'flex', 'vec_size': self.dim, 'doc_count': len(self)}, f)
+            try:
+                os.rename(tmp, flex)
+            except OSError:  # another process made it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return FlexIndex(flex, **kwargs)
 
 
 class HypencoderIndexer(pt.Indexer):

@@ -24,10 +24,26 @@ _ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # F.layer_norm's default, which the reference q-net uses (not the backbone's 1e-12).
 LAYER_NORM_EPS = 1e-5
 
-# Elements of one intermediate activation tensor in QNets.score. On CPU a working set of a few tens of MB keeps
-# the memory-bound steps (activation, layer norm, residual) cheap next to the GEMMs (measured: 8x fewer elements
-# than 2**26 ran 1.6x faster); GPUs want bigger steps to fill the device.
+# In-place forms of the activations, for scoring without autograd (no copy of each activation tensor).
+_ACTIVATIONS_INPLACE: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    'relu': torch.relu_,
+    'tanh': torch.tanh_,
+    'sigmoid': torch.sigmoid_,
+    'gelu': torch._C._nn.gelu_,
+    'leaky_relu': F.leaky_relu_,
+}
+
+# One fused pass for bias + ReLU (the released q-nets) instead of a bias copy, a GEMM that reads it back and a ReLU
+# pass. It is the kernel TorchScript's add-relu fusion uses; CPU only, float32 and float64 only.
+_ADD_RELU_ = getattr(torch.ops.aten, '_add_relu_', None)
+
+# QNets.score without autograd works in steps: a group of queries against a chunk of documents, whose
+# activations ([queries, docs, width]) take at most this many elements. On CPU, steps of ~32 MB ran fastest
+# (measured on 2 cores: 2**22 and 2**21 elements 10-25% slower, 2**24 and 2**25 no faster); GPUs want bigger steps.
 _SCORE_BUDGET_ELEMENTS = {'cpu': 2 ** 23, 'cuda': 2 ** 27}
+# Documents per query in a step: the rows of each q-net's GEMMs. Below ~1000 rows the batched GEMMs fall well short
+# of the machine's peak (measured on CPU), so more queries make more, smaller query groups, not smaller chunks.
+_SCORE_MIN_DOCS = {'cpu': 1024, 'cuda': 4096}
 
 
 @dataclass(frozen=True)
@@ -218,23 +234,116 @@ class QNets:
         Args:
             doc_vectors: ``[n_docs, dim]`` document vectors (moved to the q-nets' device and dtype).
             chunk_size: documents per step; by default sized so one step's activations stay near 32 MB on CPU
-                (512 MB on GPU), so memory is bounded whatever ``n_docs`` is.
+                (512 MB on GPU), so memory is bounded whatever ``n_docs`` is. Without autograd, queries are
+                also split into groups, so a step holds at most that much whatever the number of queries.
 
         Returns:
             ``[n_queries, n_docs]`` scores.
         """
         doc_vectors = self._check_vectors(doc_vectors, 2)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f'chunk_size must be >= 1; got {chunk_size}')
+        if self._needs_autograd(doc_vectors):
+            return self._score_autograd(doc_vectors, chunk_size)
+        return self._score_inference(doc_vectors, chunk_size)
+
+    def _needs_autograd(self, x: torch.Tensor) -> bool:
+        """True when the scores must be differentiable or dropout applies (the training path)."""
+        if self.training and self.spec.dropout > 0:
+            return True
+        return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self.weights + self.biases))
+
+    def _budget(self) -> int:
+        return _SCORE_BUDGET_ELEMENTS.get(self.device.type, _SCORE_BUDGET_ELEMENTS['cpu'])
+
+    def _score_autograd(self, doc_vectors: torch.Tensor, chunk_size: Optional[int]) -> torch.Tensor:
         n = doc_vectors.shape[0]
         if chunk_size is None:
-            width = max(self.spec.vector_dimensions)
-            budget = _SCORE_BUDGET_ELEMENTS.get(self.device.type, _SCORE_BUDGET_ELEMENTS['cpu'])
-            chunk_size = max(1, budget // (len(self) * width))
+            chunk_size = max(1, self._budget() // (len(self) * max(self.spec.vector_dimensions)))
         if n <= chunk_size:
             return self._forward(doc_vectors)
         out = torch.empty(len(self), n, device=self.device, dtype=self.dtype)
         for start in range(0, n, chunk_size):
             out[:, start:start + chunk_size] = self._forward(doc_vectors[start:start + chunk_size])
         return out
+
+    def _score_plan(self, n: int, chunk_size: Optional[int]) -> tuple:
+        """``(queries per group, documents per chunk)`` for inference steps within the activation budget."""
+        width = max(self.spec.vector_dimensions)
+        budget = self._budget()
+        n_queries = len(self)
+        if chunk_size is None:
+            min_docs = max(1, min(n, _SCORE_MIN_DOCS.get(self.device.type, _SCORE_MIN_DOCS['cpu'])))
+            group = max(1, budget // (min_docs * width))
+        else:
+            group = max(1, budget // (chunk_size * width))
+        # Equal groups: 32 queries in groups of at most 10 run as 4 x 8, not 10 + 10 + 10 + 2.
+        n_groups = -(-n_queries // group)
+        group = -(-n_queries // n_groups)
+        if chunk_size is None:
+            chunk_size = max(1, budget // (group * width))
+            # Equal chunks too: 2,048 documents as 2 x 1,024, not 1,365 + 683.
+            n_chunks = -(-n // chunk_size)
+            chunk_size = -(-n // n_chunks)
+        return group, chunk_size
+
+    def _score_inference(self, doc_vectors: torch.Tensor, chunk_size: Optional[int]) -> torch.Tensor:
+        n, n_queries = doc_vectors.shape[0], len(self)
+        out = torch.empty(n_queries, n, device=self.device, dtype=self.dtype)
+        if n_queries == 0 or n == 0:
+            return out
+        group, chunk_size = self._score_plan(n, chunk_size)
+        groups = [self if group >= n_queries else self[g:g + group] for g in range(0, n_queries, group)]
+        # Block 0's matrices of a group side by side, [d, group * h]: one GEMM serves all its queries.
+        w0 = [g.weights[0].transpose(0, 1).reshape(self.dim, -1) for g in groups] if self.spec.num_blocks else None
+        with torch.no_grad():
+            for start in range(0, n, chunk_size):
+                x = doc_vectors[start:start + chunk_size]
+                for k, g in enumerate(groups):
+                    rows = out[k * group:k * group + len(g), start:start + x.shape[0]]
+                    g._forward_shared(x, w0[k] if w0 else None, rows)
+        return out
+
+    def _forward_shared(self, x: torch.Tensor, w0: Optional[torch.Tensor], out: torch.Tensor) -> None:
+        """Inference forward of every q-net on the shared ``x`` ``[m, d]``, written into ``out`` ``[n_queries, m]``.
+
+        The same computation as :meth:`_forward`, arranged for speed: every step in place but the GEMMs and layer
+        norm; block 0 as one GEMM in a ``[m, Q, h]`` layout whose rows stay contiguous for layer norm (later blocks
+        read it through a transposed view, which the batched GEMM takes at no extra cost); the final ``h -> 1``
+        products as matrix-vector products, which on CPU run ~10x faster than a batched GEMM with one column.
+        """
+        spec = self.spec
+        n_queries, m = len(self), x.shape[0]
+        fused_relu = (spec.activation == 'relu' and _ADD_RELU_ is not None and x.device.type == 'cpu'
+                      and x.dtype in (torch.float32, torch.float64))
+        act_ = _ACTIVATIONS_INPLACE[spec.activation]
+        prev = x.unsqueeze(1)  # [m, 1, d]: broadcasts over the queries of block 0's [m, Q, h] layout
+        h = x
+        for j in range(spec.num_blocks):
+            # Elsewhere the bias goes into the GEMM, as in _forward: one rounding, which bf16 and fp16 notice.
+            if j == 0 and fused_relu:
+                y = _ADD_RELU_(torch.mm(x, w0).view(m, n_queries, -1), self.biases[0])
+            elif j == 0:
+                y = act_(torch.addmm(self.biases[0].reshape(-1), x, w0).view(m, n_queries, -1))
+            elif fused_relu:
+                y = _ADD_RELU_(torch.bmm(h, self.weights[j]), self.biases[j].unsqueeze(1))
+            else:
+                y = act_(torch.baddbmm(self.biases[j].unsqueeze(1), h, self.weights[j]))
+            if spec.layer_norm and spec.layer_norm_before_residual:
+                y = F.layer_norm(y, (y.shape[-1],), eps=LAYER_NORM_EPS)
+            if spec._block_has_residual(j):
+                y.add_(prev)
+            if spec.layer_norm and not spec.layer_norm_before_residual:
+                y = F.layer_norm(y, (y.shape[-1],), eps=LAYER_NORM_EPS)
+            h = prev = y.transpose(0, 1) if j == 0 else y
+        last = self.weights[-1].squeeze(-1)  # [Q, h]
+        if spec.num_blocks == 0:
+            out.copy_(torch.mm(last, x.T))
+        elif x.device.type == 'cpu':
+            for i in range(n_queries):
+                torch.mv(h[i], last[i], out=out[i])
+        else:
+            out.copy_(torch.bmm(h, self.weights[-1]).squeeze(-1))
 
     def score_pairs(self, doc_vectors: torch.Tensor) -> torch.Tensor:
         """Scores a separate set of documents per query.

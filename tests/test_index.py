@@ -171,3 +171,13 @@ def test_interrupted_indexing_leaves_nothing_that_loads(tiny_bert, tmp_path):
     index = HypencoderIndexer(model, tmp_path / 'i', neighbours=5, overwrite=True, verbose=False).index(make_docs(40))
     assert len(HypencoderIndex(index.path)) == 40
     assert sorted(os.listdir(tmp_path)) == ['i']  # overwrite=True also cleared the killed run's partial folder
+
+
+def test_flex_index_reads_the_same_vectors(built):
+    import pandas as pd
+    index, _ = built
+    flex = index.flex_index(sim_fn='cos', verbose=False)
+    assert len(flex) == len(index)
+    query = pd.DataFrame({'qid': ['q'], 'query_vec': [np.array(index.vectors()[7])]})
+    assert flex.retriever(num_results=1)(query)['docno'].tolist() == ['d7']
+    assert index.flex_index(verbose=False).index_path == flex.index_path  # made once, then reused

@@ -121,9 +121,10 @@ def distillation_loss(group: torch.Tensor, teacher: torch.Tensor, in_batch: torc
         teacher: teacher scores, same shape.
         in_batch: ``[n_queries, n_queries]`` student scores against every query's positive.
         ignore: optional mask of in-batch entries that are not negatives.
-        temperature: temperature of the cross-entropy term (Margin-MSE is unaffected).
+        temperature: student scores are divided by it in both terms, so a model with bounded scores (cosine)
+            can match the teacher's margins.
 
     Returns:
         A scalar tensor.
     """
-    return margin_mse(group, teacher) + in_batch_cross_entropy(in_batch, ignore, temperature)
+    return margin_mse(group / temperature, teacher) + in_batch_cross_entropy(in_batch, ignore, temperature)
