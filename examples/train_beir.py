@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyterrier as pt
 import torch
@@ -177,7 +176,6 @@ def main():
         hyp, be, bm = scores['Hypencoder (head-only)'], scores['BE-Base (head-only)'], scores['BM25 (PISA, title+text)']
         print(f'{name}: Hypencoder - BE-Base = {hyp - be:+.4f} nDCG@10 (target >= +0.02); '
               f'Hypencoder - BM25 = {hyp - bm:+.4f} (target >= 0)')
-    np.seterr(all='ignore')
 
 
 if __name__ == '__main__':

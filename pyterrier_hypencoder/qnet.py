@@ -301,30 +301,37 @@ class QNets:
                 x = doc_vectors[start:start + chunk_size]
                 for k, g in enumerate(groups):
                     rows = out[k * group:k * group + len(g), start:start + x.shape[0]]
-                    g._forward_shared(x, w0[k] if w0 else None, rows)
+                    g._forward_inference(x, w0[k] if w0 else None, rows)
         return out
 
-    def _forward_shared(self, x: torch.Tensor, w0: Optional[torch.Tensor], out: torch.Tensor) -> None:
-        """Inference forward of every q-net on the shared ``x`` ``[m, d]``, written into ``out`` ``[n_queries, m]``.
+    def _forward_inference(self, x: torch.Tensor, w0: Optional[torch.Tensor], out: torch.Tensor) -> None:
+        """Inference forward of ``x``: ``[m, d]`` shared by all q-nets or ``[n_queries, m, d]``, into ``[n_queries, m]`` ``out``.
 
-        The same computation as :meth:`_forward`, arranged for speed: every step in place but the GEMMs and layer
-        norm; block 0 as one GEMM in a ``[m, Q, h]`` layout whose rows stay contiguous for layer norm (later blocks
-        read it through a transposed view, which the batched GEMM takes at no extra cost); the final ``h -> 1``
-        products as matrix-vector products, which on CPU run ~10x faster than a batched GEMM with one column.
+        The same computation as :meth:`_forward`, arranged for speed without autograd: every step in place but the
+        GEMMs and layer norm; for shared documents, block 0 as one GEMM (``w0``: block 0's matrices side by side,
+        ``[d, n_queries * h]``) in a ``[m, Q, h]`` layout whose rows stay contiguous for layer norm (later blocks read
+        it through a transposed view, which the batched GEMM takes at no extra cost); the final ``h -> 1`` products
+        as matrix-vector products, which on CPU run ~10x faster than a batched GEMM with one column.
         """
         spec = self.spec
-        n_queries, m = len(self), x.shape[0]
+        n_queries = len(self)
+        shared = x.ndim == 2
+        m = x.shape[-2]
         fused_relu = (spec.activation == 'relu' and _ADD_RELU_ is not None and x.device.type == 'cpu'
                       and x.dtype in (torch.float32, torch.float64))
         act_ = _ACTIVATIONS_INPLACE[spec.activation]
-        prev = x.unsqueeze(1)  # [m, 1, d]: broadcasts over the queries of block 0's [m, Q, h] layout
+        # Shared documents as [m, 1, d] broadcast over the queries of block 0's [m, Q, h] layout.
+        prev = x.unsqueeze(1) if shared else x
         h = x
         for j in range(spec.num_blocks):
-            # Elsewhere the bias goes into the GEMM, as in _forward: one rounding, which bf16 and fp16 notice.
-            if j == 0 and fused_relu:
-                y = _ADD_RELU_(torch.mm(x, w0).view(m, n_queries, -1), self.biases[0])
-            elif j == 0:
-                y = act_(torch.addmm(self.biases[0].reshape(-1), x, w0).view(m, n_queries, -1))
+            # Without the fused kernel the bias goes into the GEMM, as in _forward: one rounding, which bf16 notices.
+            if j == 0 and shared:
+                if w0 is None:
+                    w0 = self.weights[0].transpose(0, 1).reshape(x.shape[1], -1)
+                if fused_relu:
+                    y = _ADD_RELU_(torch.mm(x, w0).view(m, n_queries, -1), self.biases[0])
+                else:
+                    y = act_(torch.addmm(self.biases[0].reshape(-1), x, w0).view(m, n_queries, -1))
             elif fused_relu:
                 y = _ADD_RELU_(torch.bmm(h, self.weights[j]), self.biases[j].unsqueeze(1))
             else:
@@ -335,9 +342,9 @@ class QNets:
                 y.add_(prev)
             if spec.layer_norm and not spec.layer_norm_before_residual:
                 y = F.layer_norm(y, (y.shape[-1],), eps=LAYER_NORM_EPS)
-            h = prev = y.transpose(0, 1) if j == 0 else y
+            h = prev = y.transpose(0, 1) if j == 0 and shared else y
         last = self.weights[-1].squeeze(-1)  # [Q, h]
-        if spec.num_blocks == 0:
+        if spec.num_blocks == 0 and shared:
             out.copy_(torch.mm(last, x.T))
         elif x.device.type == 'cpu':
             for i in range(n_queries):
@@ -358,4 +365,9 @@ class QNets:
         if doc_vectors.shape[0] != len(self):
             raise ValueError(f'score_pairs needs one row of documents per q-net: got {doc_vectors.shape[0]} rows for '
                              f'{len(self)} q-nets')
-        return self._forward(doc_vectors)
+        if self._needs_autograd(doc_vectors):
+            return self._forward(doc_vectors)
+        out = torch.empty(len(self), doc_vectors.shape[1], device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            self._forward_inference(doc_vectors, None, out)
+        return out
