@@ -305,7 +305,7 @@ class QNets:
         return out
 
     def _forward_inference(self, x: torch.Tensor, w0: Optional[torch.Tensor], out: torch.Tensor) -> None:
-        """Inference forward of ``x``: ``[m, d]`` shared by all q-nets or ``[n_queries, m, d]``, into ``[n_queries, m]`` ``out``.
+        """Inference forward of ``x`` (``[m, d]`` shared, or ``[n_queries, m, d]``) into ``out`` (``[n_queries, m]``).
 
         The same computation as :meth:`_forward`, arranged for speed without autograd: every step in place but the
         GEMMs and layer norm; for shared documents, block 0 as one GEMM (``w0``: block 0's matrices side by side,
