@@ -18,12 +18,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from pyterrier_hypencoder import QNets, QNetSpec
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout's package, whichever is installed
+from pyterrier_hypencoder import QNets, QNetSpec  # noqa: E402
 
 QNETS = (('768-d, 6 layers', [768] * 6 + [1]), ('384-d, 6 layers', [384] * 6 + [1]))
 

@@ -6,11 +6,11 @@ offline by ``../shared/datasets/offline-cache.sh``. It is indexed once with ``Hy
 index is keyed by how the model encodes documents (a hash of a probe document's vector), so models that share a
 document encoder, such as head-only models trained on one frozen backbone, share an index.
 
-For every setting it reports, over the queries: search latency per query (q-nets already encoded; queries searched
-``--batch-size`` at a time, 1 by default, i.e. one query per call), documents scored per query (and as a share of the
-corpus), recall@10 and @100 of the walk's top 100 against the exhaustive top 100, and nDCG@10 against the qrels.
-Query encoding time is reported once, apart. Walks return ``k = 100`` results; with early stopping a larger ``k``
-walks longer.
+For every setting it reports, over the queries: search time per query (q-nets already encoded) when queries are
+searched ``--batch-size`` at a time (32, HypencoderRetriever's default) and the latency of a query searched alone
+(mean over the first ``--latency-queries``), documents scored per query (and as a share of the corpus), recall@10
+and @100 of the walk's top 100 against the exhaustive top 100, and nDCG@10 against the qrels. Query encoding time
+is reported once, apart. Walks return ``k = 100`` results; with early stopping a larger ``k`` walks longer.
 
     python benchmarks/search.py --model runs/scifact-minilm/final   # a trained Hypencoder folder
     python benchmarks/search.py --quick                             # 50 queries, fewer settings
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # measure this checkout's package, whichever copy is installed
 CACHE = ROOT / '.cache' / 'benchmarks'
 DEFAULT_OUT = ROOT / 'benchmarks' / 'results' / 'search.json'
 K = 100
@@ -184,7 +185,9 @@ def main():
                         help='document tokens (default: the model\'s own; 256 for the untrained default)')
     parser.add_argument('--quick', action='store_true', help='50 queries and 4 graph settings')
     parser.add_argument('--queries', type=int, default=None, help='use the first N test queries')
-    parser.add_argument('--batch-size', type=int, default=1, help='queries per search call (1: per-query latency)')
+    parser.add_argument('--batch-size', type=int, default=32, help='queries per search call')
+    parser.add_argument('--latency-queries', type=int, default=None,
+                        help='queries searched one at a time for the latency column (default 20; 10 with --quick)')
     parser.add_argument('--settings', default=None, help='graph settings, comma-separated (see above)')
     parser.add_argument('--rebuild', action='store_true', help='rebuild the cached index')
     parser.add_argument('--build-only', action='store_true', help='build (or check) the index and stop')
@@ -207,6 +210,7 @@ def main():
 
     n_queries = args.queries or (50 if args.quick else len(queries))
     queries = queries[:n_queries]
+    n_latency = min(n_queries, args.latency_queries or (10 if args.quick else 20))
     qids = [q for q, _ in queries]
     wanted = set(qids)
     qrels = [r for r in qrels if r.query_id in wanted]
@@ -224,7 +228,9 @@ def main():
         qnets = model.encode_queries([t for _, t in queries], batch_size=32)
         encode_seconds = time.perf_counter() - t0
         exact_ids, exact_seconds = run_exhaustive(qnets, vectors, args.batch_size)
+        single = run_exhaustive(qnets[:n_latency], vectors, 1)[1] / n_latency
         rows = [{'method': 'exhaustive', 'setting': None, 'ms_per_query': 1e3 * exact_seconds / n_queries,
+                 'ms_single_query': 1e3 * single,
                  'docs_scored': float(n_docs), 'share_scored': 1.0, 'recall@10': 1.0, 'recall@100': 1.0,
                  'ndcg@10': ndcg10(exact_ids, qids, docnos, qrels)}]
         print(f'{n_queries} queries, {n_docs} documents; exhaustive: {rows[0]["ms_per_query"]:.1f} ms/query', flush=True)
@@ -232,9 +238,11 @@ def main():
             neighbours = min(setting[4], edges_all.shape[1])
             edges = edges_all if neighbours == edges_all.shape[1] else np.ascontiguousarray(edges_all[:, :neighbours])
             ids, scored, seconds = run_graph(qnets, vectors, edges, setting, args.batch_size)
+            single = run_graph(qnets[:n_latency], vectors, edges, setting, 1)[2] / n_latency
             rows.append({'method': 'graph', 'setting': dict(zip(
                 ('n_initial', 'n_candidates', 'max_iter', 'early_stopping', 'neighbours'), setting[:4] + (neighbours,))),
-                'ms_per_query': 1e3 * seconds / n_queries, 'docs_scored': float(scored.mean()),
+                'ms_per_query': 1e3 * seconds / n_queries, 'ms_single_query': 1e3 * single,
+                'docs_scored': float(scored.mean()),
                 'docs_scored_max': int(scored.max()), 'share_scored': float(scored.mean() / n_docs),
                 'recall@10': overlap_at(ids, exact_ids, 10), 'recall@100': overlap_at(ids, exact_ids, 100),
                 'ndcg@10': ndcg10(ids, qids, docnos, qrels)})
@@ -249,15 +257,17 @@ def main():
           f'({"trained" if trained else "UNTRAINED"}, q-net {list(model.spec.vector_dimensions)}), '
           f'{torch.get_num_threads()} threads, batch {args.batch_size}, k={K}')
     print(f'query encoding: {1e3 * encode_seconds / n_queries:.1f} ms/query (batches of 32, not in the latencies below)')
-    head = f'{"method":<12}{"init":>6}{"cand":>6}{"iter":>6}{"stop":>6}{"nbrs":>6}{"ms/q":>9}{"docs":>8}{"share":>8}' \
-           f'{"fewer":>8}{"R@10":>7}{"R@100":>7}{"nDCG@10":>9}'
+    print(f'ms/q: search time per query in batches of {args.batch_size}; alone: mean latency of the first {n_latency} '
+          'queries searched one at a time')
+    head = (f'{"method":<12}{"init":>6}{"cand":>6}{"iter":>6}{"stop":>6}{"nbrs":>6}{"ms/q":>8}{"alone":>8}{"docs":>7}'
+            f'{"share":>7}{"fewer":>8}{"R@10":>7}{"R@100":>7}{"nDCG@10":>9}')
     print(head)
     for r in rows:
         s = r['setting'] or {}
         cells = [str(s.get(c, '')) for c in ('n_initial', 'n_candidates', 'max_iter')]
         cells += ['yes' if s.get('early_stopping') else ('no' if s else ''), str(s.get('neighbours', ''))]
         print(f'{r["method"]:<12}' + ''.join(f'{c:>6}' for c in cells) +
-              f'{r["ms_per_query"]:>9.1f}{r["docs_scored"]:>8.0f}{r["share_scored"]:>8.3f}'
+              f'{r["ms_per_query"]:>8.1f}{r["ms_single_query"]:>8.1f}{r["docs_scored"]:>7.0f}{r["share_scored"]:>7.3f}'
               f'{n_docs / r["docs_scored"]:>7.1f}x{r["recall@10"]:>7.3f}{r["recall@100"]:>7.3f}{r["ndcg@10"]:>9.4f}')
     if best:
         print(f'fewest documents at recall@10 >= 0.95: {best["docs_scored"]:.0f} ({n_docs / best["docs_scored"]:.1f}x fewer '
@@ -272,7 +282,8 @@ def main():
         'corpus': 'beir/scifact/test', 'n_docs': n_docs, 'n_queries': n_queries, 'k': K, 'model': str(model.name_or_path),
         'trained': trained, 'qnet': list(model.spec.vector_dimensions), 'doc_max_length': model.doc_max_length,
         'device': 'cpu', 'cpu': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
-        'threads': torch.get_num_threads(), 'batch_size': args.batch_size, 'loadavg': os.getloadavg(),
+        'threads': torch.get_num_threads(), 'batch_size': args.batch_size, 'latency_queries': n_latency,
+        'loadavg': os.getloadavg(),
         'query_encoding_ms_per_query': 1e3 * encode_seconds / n_queries, 'index_build': build,
         'benchmark_seconds': total, 'argv': sys.argv[1:], 'rows': rows,
         'best_at_recall10_095': best and {'docs_scored': best['docs_scored'], 'fewer': n_docs / best['docs_scored'],

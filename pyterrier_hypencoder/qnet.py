@@ -37,10 +37,13 @@ _ACTIVATIONS_INPLACE: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # pass. It is the kernel TorchScript's add-relu fusion uses; CPU only, float32 and float64 only.
 _ADD_RELU_ = getattr(torch.ops.aten, '_add_relu_', None)
 
-# QNets.score without autograd works in steps: a group of queries against a chunk of documents, whose
-# activations ([queries, docs, width]) take at most this many elements. On CPU, steps of ~32 MB ran fastest
-# (measured on 2 cores: 2**22 and 2**21 elements 10-25% slower, 2**24 and 2**25 no faster); GPUs want bigger steps.
-_SCORE_BUDGET_ELEMENTS = {'cpu': 2 ** 23, 'cuda': 2 ** 27}
+# QNets.score works in steps: a group of queries against a chunk of documents, whose activation tensors
+# ([queries, docs, width]) take at most this many bytes. On CPU each step allocates a few such tensors; below 32 MiB
+# glibc's malloc reuses the memory that the previous step freed, while from 32 MiB on every allocation is a fresh
+# mapping whose pages fault in one by one (measured: up to 1 GB of page faults per scoring call, 17% of the time in
+# the kernel on a busy machine). Smaller steps fit the caches better but ran 10-25% slower on 2 cores (smaller GEMMs,
+# more per-operation synchronisation). GPUs want bigger steps to fill the device.
+_SCORE_BUDGET_BYTES = {'cpu': 30 * 2 ** 20, 'cuda': 2 ** 28}
 # Documents per query in a step: the rows of each q-net's GEMMs. Below ~1000 rows the batched GEMMs fall well short
 # of the machine's peak (measured on CPU), so more queries make more, smaller query groups, not smaller chunks.
 _SCORE_MIN_DOCS = {'cpu': 1024, 'cuda': 4096}
@@ -233,8 +236,8 @@ class QNets:
 
         Args:
             doc_vectors: ``[n_docs, dim]`` document vectors (moved to the q-nets' device and dtype).
-            chunk_size: documents per step; by default sized so one step's activations stay near 32 MB on CPU
-                (512 MB on GPU), so memory is bounded whatever ``n_docs`` is. Without autograd, queries are
+            chunk_size: documents per step; by default sized so one step's activations stay under 30 MiB on CPU
+                (256 MiB on GPU), so memory is bounded whatever ``n_docs`` is. Without autograd, queries are
                 also split into groups, so a step holds at most that much whatever the number of queries.
 
         Returns:
@@ -254,7 +257,9 @@ class QNets:
         return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self.weights + self.biases))
 
     def _budget(self) -> int:
-        return _SCORE_BUDGET_ELEMENTS.get(self.device.type, _SCORE_BUDGET_ELEMENTS['cpu'])
+        """Elements of one activation tensor in a scoring step."""
+        budget = _SCORE_BUDGET_BYTES.get(self.device.type, _SCORE_BUDGET_BYTES['cpu'])
+        return budget // self.weights[0].element_size()
 
     def _score_autograd(self, doc_vectors: torch.Tensor, chunk_size: Optional[int]) -> torch.Tensor:
         n = doc_vectors.shape[0]
@@ -282,7 +287,7 @@ class QNets:
         group = -(-n_queries // n_groups)
         if chunk_size is None:
             chunk_size = max(1, budget // (group * width))
-            # Equal chunks too: 2,048 documents as 2 x 1,024, not 1,365 + 683.
+            # Equal chunks too: 2,048 documents as 2 x 1,024, not one full chunk and a small remainder.
             n_chunks = -(-n // chunk_size)
             chunk_size = -(-n // n_chunks)
         return group, chunk_size
@@ -324,14 +329,15 @@ class QNets:
         prev = x.unsqueeze(1) if shared else x
         h = x
         for j in range(spec.num_blocks):
+            width = spec.vector_dimensions[j + 1]
             # Without the fused kernel the bias goes into the GEMM, as in _forward: one rounding, which bf16 notices.
             if j == 0 and shared:
                 if w0 is None:
                     w0 = self.weights[0].transpose(0, 1).reshape(x.shape[1], -1)
                 if fused_relu:
-                    y = _ADD_RELU_(torch.mm(x, w0).view(m, n_queries, -1), self.biases[0])
+                    y = _ADD_RELU_(torch.mm(x, w0).view(m, n_queries, width), self.biases[0])
                 else:
-                    y = act_(torch.addmm(self.biases[0].reshape(-1), x, w0).view(m, n_queries, -1))
+                    y = act_(torch.addmm(self.biases[0].reshape(-1), x, w0).view(m, n_queries, width))
             elif fused_relu:
                 y = _ADD_RELU_(torch.bmm(h, self.weights[j]), self.biases[j].unsqueeze(1))
             else:

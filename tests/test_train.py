@@ -2,6 +2,7 @@
 and BE-Base (DotEncoder), checkpoints, resume, dev selection, and the command line."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -436,12 +437,19 @@ def test_cli_help():
         assert option in out
 
 
-def test_cli_trains_from_a_file(tiny_bert, tmp_path):
+@pytest.mark.parametrize('head', [['--head', 'hypencoder', '--warm-start'], ['--head', 'dot', '--normalize']])
+def test_cli_trains_from_a_file(tiny_bert, tmp_path, head):
     save_frame(fruit_frame(), tmp_path / 'train.jsonl')
     cmd = [sys.executable, '-m', 'pyterrier_hypencoder.train', '--backbone', str(tiny_bert), '--pooling', 'mean',
            '--train-data', str(tmp_path / 'train.jsonl'), '--output', str(tmp_path / 'out'), '--steps', '4',
-           '--batch-size', '5', '--negatives', '3', '--qnet-layers', '2', '--device', 'cpu', '--quiet']
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    model = Hypencoder.from_pretrained(tmp_path / 'out' / 'final', device='cpu')
-    assert model.spec.vector_dimensions == (32, 32, 1)
+           '--batch-size', '5', '--negatives', '3', '--qnet-layers', '2', '--device', 'cpu', '--quiet'] + head
+    # one thread: tiny models gain nothing from more, and a busy machine makes thread hand-offs slow
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert json.loads((tmp_path / 'out' / 'trainer_state.json').read_text())['step'] == 4
+    if head[1] == 'dot':
+        model = DotEncoder.from_pretrained(tmp_path / 'out' / 'final', device='cpu')
+        assert model.normalize
+    else:
+        model = Hypencoder.from_pretrained(tmp_path / 'out' / 'final', device='cpu')
+        assert model.spec.vector_dimensions == (32, 32, 1)
+        assert model.spec.residual_on_last == ('--warm-start' in head)

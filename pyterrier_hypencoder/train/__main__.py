@@ -11,10 +11,11 @@ EPILOG = """
 examples:
   # head-only Hypencoder on SciFact (BM25 negatives, 20% of the training queries held out as dev), on a CPU
   python -m pyterrier_hypencoder.train --backbone sentence-transformers/all-MiniLM-L6-v2 --pooling mean \\
+      --warm-start --doc-max-length 256 --steps 400 --eval-every 100 \\
       --train irds:beir/scifact/train --dev-fraction 0.2 --test irds:beir/scifact/test --output runs/scifact
 
-  # the BE-Base baseline: the same recipe with an inner-product head
-  python -m pyterrier_hypencoder.train ... --head dot
+  # the BE-Base baseline: the same recipe with an inner-product head (cosine, as MiniLM was trained)
+  python -m pyterrier_hypencoder.train ... --head dot --normalize
 
   # full fine-tuning on a GPU, from your own training data
   python -m pyterrier_hypencoder.train --backbone bert-base-uncased --full --train-data train.jsonl \\
@@ -42,8 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                         '(default: %(default)s)')
     m.add_argument('--qnet-layers', type=int, default=2,
                    help='q-net depth, hidden blocks + final matrix as in the paper (default: %(default)s)')
-    m.add_argument('--residual-on-last', action='store_true',
-                   help='residual connection on the last hidden q-net block too (not in the released models)')
+    m.add_argument('--warm-start', action='store_true',
+                   help='hypencoder head: start the q-nets at the backbone\'s own cosine similarity instead of the '
+                        'paper\'s random initialisation (see warm_start_hypencoder; use with --pooling mean on '
+                        'sentence-transformers encoders); recommended for head-only training on small data')
     m.add_argument('--pooling', choices=['cls', 'mean'], default='cls',
                    help='document vector pooling; cls is the paper\'s, mean suits sentence-transformers encoders '
                         '(default: %(default)s)')
@@ -87,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument('--steps', type=int, default=1000, help='optimizer steps (default: %(default)s)')
     o.add_argument('--batch-size', type=int, default=32, help='queries per step (default: %(default)s)')
     o.add_argument('--negatives', type=int, default=7, help='sampled negatives per query (default: %(default)s)')
-    o.add_argument('--lr', type=float, help='peak learning rate (default: 1e-3 head-only, 2e-5 full)')
+    o.add_argument('--lr', type=float,
+                   help='peak learning rate (default: head-only 3e-5 hypencoder, 1e-3 dot; full fine-tuning 2e-5)')
     o.add_argument('--head-lr', type=float, help='learning rate of the head in full fine-tuning (default: --lr)')
     o.add_argument('--weight-decay', type=float, default=0.0, help='AdamW weight decay (default: %(default)s)')
     o.add_argument('--warmup', type=int, default=100, help='linear warm-up steps (default: %(default)s)')
@@ -112,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args):
-    from pyterrier_hypencoder import Hypencoder, QNetSpec
+    from pyterrier_hypencoder import Hypencoder
     from pyterrier_hypencoder.checkpoint import read_json, resolve_folder
 
     from .biencoder import FORMAT_NAME as DOT_FORMAT
@@ -128,18 +132,14 @@ def _load_model(args):
                                         device=args.device)
     if args.normalize:
         raise SystemExit('--normalize applies to --head dot only')
-    model = Hypencoder.from_backbone(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
+    if args.warm_start:
+        from .trainer import warm_start_hypencoder
+        return warm_start_hypencoder(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
                                      query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
                                      seed=args.seed, device=args.device)
-    if args.residual_on_last:
-        spec = QNetSpec(vector_dimensions=model.spec.vector_dimensions, residual_on_last=True)
-        model = Hypencoder(model.backbone, model.tokenizer, spec, pooling=args.pooling,
-                           query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
-                           name_or_path=args.backbone)
-        import torch
-        model.hyperhead.reset_parameters(torch.Generator().manual_seed(args.seed))
-        model = model._place(args.device, None)
-    return model
+    return Hypencoder.from_backbone(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
+                                    query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
+                                    seed=args.seed, device=args.device)
 
 
 def _teacher(args):

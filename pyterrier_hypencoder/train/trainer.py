@@ -47,7 +47,9 @@ class TrainConfig:
         steps: optimizer steps.
         batch_size: queries per step; each also brings 1 positive and ``num_negatives`` negatives.
         num_negatives: sampled negatives per query (the paper: 7).
-        lr: peak learning rate; None means 1e-3 head-only and 2e-5 (the paper's) for full fine-tuning.
+        lr: peak learning rate; None means 2e-5 (the paper's) for full fine-tuning, and for head-only training
+            3e-5 for a Hypencoder (its hyperhead turns small steps into large changes of the q-nets) and 1e-3 for
+            a DotEncoder's query projection.
         head_lr: learning rate of the hyperhead (or query projection) in full fine-tuning, where a freshly
             initialised head often wants a larger one than the pretrained backbone; None means ``lr``.
         weight_decay: AdamW weight decay.
@@ -533,9 +535,10 @@ class Trainer:
 
     Example::
 
-        model = Hypencoder.from_backbone(minilm_path, qnet_layers=2, pooling='mean')
+        model = warm_start_hypencoder(minilm_path, qnet_layers=2, doc_max_length=256)
         data = training_data_from_dataset('irds:beir/scifact/train', bm25)
-        trainer = Trainer(model, data, TrainConfig(steps=500), dev=dev_set, output_dir='runs/scifact')
+        trainer = Trainer(model, data, TrainConfig(steps=400, eval_every=100), dev=dev_set,
+                          output_dir='runs/scifact', cache_dir='runs/features')
         trainer.train()          # the model ends with the best dev weights; runs/scifact/best holds them too
     """
 
@@ -572,7 +575,9 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir else None
         self.verbose = verbose
         self.features = FeatureStore(model, cache_dir, self.config.encode_batch_size, verbose)
-        self.lr = self.config.lr if self.config.lr is not None else (1e-3 if self.config.head_only else 2e-5)
+        self.lr = self.config.lr
+        if self.lr is None:
+            self.lr = 2e-5 if not self.config.head_only else 3e-5 if self.ops.is_hypencoder else 1e-3
         self._train_docs: Optional[torch.Tensor] = None
         self._train_queries: Optional[List[torch.Tensor]] = None
         self._dev_docs: Optional[torch.Tensor] = None
@@ -706,7 +711,7 @@ class Trainer:
         with open(folder / 'trainer_state.json', 'w', encoding='utf-8') as f:
             json.dump(info, f, indent=1)
 
-    def save_checkpoint(self, optimizer, scheduler, sampler, negatives) -> Path:
+    def _save_checkpoint(self, optimizer, scheduler, sampler, negatives) -> Path:
         """Writes ``checkpoint-<step>``: the model (``save_pretrained``) and everything needed to resume."""
         folder = self.output_dir / f'checkpoint-{self.state.step}'
         tmp = self.output_dir / f'.checkpoint-{self.state.step}.tmp'
@@ -821,14 +826,14 @@ class Trainer:
                 self._log_eval()
                 self._train_mode()
             if self.output_dir is not None and cfg.save_every and self.state.step % cfg.save_every == 0:
-                self.save_checkpoint(optimizer, scheduler, sampler, negatives)
+                self._save_checkpoint(optimizer, scheduler, sampler, negatives)
         bar.close()
 
         if self.dev is not None and (not cfg.eval_every or self.state.step % cfg.eval_every):
             self._log_eval()
         if self.output_dir is not None:
             if not any(s == self.state.step for s, _ in self._checkpoints()):
-                self.save_checkpoint(optimizer, scheduler, sampler, negatives)
+                self._save_checkpoint(optimizer, scheduler, sampler, negatives)
             self._write_json(self.output_dir)
         if self._best is not None:
             self.model.load_state_dict(self._best)
