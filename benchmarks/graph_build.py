@@ -1,4 +1,4 @@
-"""Benchmark of the document neighbour graph builders: seconds and recall against exact, exact vs HNSW.
+"""Benchmark of the document neighbour graph builders: seconds and recall against exact, exact vs HNSW vs IVF.
 
 Data: SYNTHETIC clustered vectors, a Gaussian mixture made to resemble text embeddings (many topics of Zipf-like
 sizes, overlapping; a power-law variance spectrum over the dimensions, as dense text encoders show), written to a
@@ -75,7 +75,9 @@ def run_size(n, args, workdir):
     for method in args.methods:
         if method == 'exact':
             continue
-        given = dict(hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search)
+        given = (dict(ivf_lists=args.ivf_lists, ivf_probe=args.ivf_probe) if method == 'ivf' else
+                 dict(hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
+                      hnsw_pca=args.hnsw_pca))
         params = {name: value for name, value in given.items() if value is not None}
         (edges, _), wall, cpu = timed(build_knn_graph, vecs, args.k, method=method, verbose=args.verbose, **params)
         recall = neighbour_recall(edges[truth_rows], truth)
@@ -98,13 +100,17 @@ def main(argv=None):
     parser.add_argument('--dim', type=int, default=768)
     parser.add_argument('--k', type=int, default=100)
     parser.add_argument('--dtype', choices=['float16', 'float32'], default='float16')
-    parser.add_argument('--methods', type=lambda s: s.split(','), default=['exact', 'hnsw'])
+    parser.add_argument('--methods', type=lambda s: s.split(','), default=['exact', 'hnsw', 'ivf'])
     parser.add_argument('--exact-max', type=int, default=EXACT_MAX_DOCS,
                         help='largest size whose full exact graph is built; above, recall uses sampled rows')
     parser.add_argument('--sample', type=int, default=1000, help='query rows for sampled exact recall')
     parser.add_argument('--hnsw-m', type=int, default=None, help='HNSW M (default: the library default)')
     parser.add_argument('--ef-construction', type=int, default=None, help='HNSW efConstruction (default: library)')
     parser.add_argument('--ef-search', type=int, default=None, help='HNSW efSearch (default: library)')
+    parser.add_argument('--hnsw-pca', type=int, default=None,
+                        help='HNSW on this many principal components, then exact re-ranking (default: full vectors)')
+    parser.add_argument('--ivf-lists', type=int, default=None, help='IVF k-means clusters (default: the library default)')
+    parser.add_argument('--ivf-probe', type=int, default=None, help='IVF clusters probed (default: the library default)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--workdir', default=None, help='folder for the temporary vector files (default: system temp)')
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT)

@@ -9,12 +9,13 @@ document encoder, such as head-only models trained on one frozen backbone, share
 For every setting it reports, over the queries: search time per query (q-nets already encoded) when queries are
 searched ``--batch-size`` at a time (32, HypencoderRetriever's default) and the latency of a query searched alone
 (mean over the first ``--latency-queries``), documents scored per query (and as a share of the corpus), recall@10
-and @100 of the walk's top 100 against the exhaustive top 100, and nDCG@10 against the qrels. Query encoding time
-is reported once, apart. Walks return ``k = 100`` results; with early stopping a larger ``k`` walks longer.
+and @100 of the walk's results against the exhaustive ranking, and nDCG@10 against the qrels. Query encoding time
+is reported once, apart. Walks return ``--k`` results (100 by default; recall@100 needs it); with early stopping the
+walk stops once no new document enters its top k, so a smaller ``k`` (e.g. 10, for ``retriever % 10``) walks less.
 
-    python benchmarks/search.py --model runs/scifact-minilm/final   # a trained Hypencoder folder
-    python benchmarks/search.py --quick                             # 50 queries, fewer settings
-    python benchmarks/search.py --settings 200:8:16:1:100,500:16:16:0:32
+    python benchmarks/search.py --model runs/train_beir/scifact/hypencoder/best   # a trained Hypencoder folder
+    python benchmarks/search.py --quick                                            # 50 queries, fewer settings
+    python benchmarks/search.py --settings 200:8:16:1:100,500:16:16:0:32 --k 10
 
 Without ``--model`` it uses an UNTRAINED Hypencoder on all-MiniLM-L6-v2 (mean pooling, random hyperhead): enough to
 exercise the script and to time it, not to judge retrieval quality; the output and the JSON say so.
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # measure this checkout's package, whichever copy is installed
 CACHE = ROOT / '.cache' / 'benchmarks'
 DEFAULT_OUT = ROOT / 'benchmarks' / 'results' / 'search.json'
-K = 100
+NEIGHBOURS = 100  # graph neighbours per document, and the depth of the exhaustive ranking compared against
 
 # n_initial, n_candidates, max_iter, early_stopping, neighbours
 FULL_SETTINGS = [
@@ -127,7 +128,7 @@ def get_index(model, ds, rebuild: bool):
     print(f'building the index at {path} (one-off; SciFact takes tens of minutes on 2 busy CPU cores)', flush=True)
     docs = ({'docno': d.doc_id, 'title': d.title, 'text': d.text} for d in ds.docs_iter())
     t0, c0 = time.perf_counter(), time.process_time()
-    index = HypencoderIndexer(model, path, neighbours=K, graph='exact', text_field=['title', 'text'], batch_size=32,
+    index = HypencoderIndexer(model, path, neighbours=NEIGHBOURS, graph='exact', text_field=['title', 'text'], batch_size=32,
                               overwrite=True, verbose=True).index(docs)
     info = {'docs': len(index), 'seconds': time.perf_counter() - t0, 'cpu_seconds': time.process_time() - c0,
             'doc_max_length': model.doc_max_length, 'pooling': model.pooling, 'graph': index.meta['graph'],
@@ -143,25 +144,29 @@ def run_exhaustive(qnets, vectors, batch_size):
     for start in range(0, len(qnets), batch_size):
         batch = qnets[start:start + batch_size]
         t0 = time.perf_counter()
-        _, batch_ids = exhaustive_search(batch, vectors, K)
+        _, batch_ids = exhaustive_search(batch, vectors, NEIGHBOURS)
         seconds += time.perf_counter() - t0
         ids.append(batch_ids.numpy())
     return np.concatenate(ids), seconds
 
 
-def run_graph(qnets, vectors, edges, setting, batch_size):
+def run_graph(qnets, vectors, edges, setting, batch_size, k):
     from pyterrier_hypencoder.search import graph_search
     n_initial, n_candidates, max_iter, early_stopping, _ = setting
     ids, scored, seconds = [], [], 0.0
     for start in range(0, len(qnets), batch_size):
         batch = qnets[start:start + batch_size]
         t0 = time.perf_counter()
-        _, batch_ids, n_scored = graph_search(batch, vectors, edges, K, n_initial=n_initial, n_candidates=n_candidates,
+        _, batch_ids, n_scored = graph_search(batch, vectors, edges, k, n_initial=n_initial, n_candidates=n_candidates,
                                               max_iter=max_iter, early_stopping=early_stopping, seed=0)
         seconds += time.perf_counter() - t0
         ids.append(batch_ids.numpy())
         scored.append(n_scored.numpy())
     return np.concatenate(ids), np.concatenate(scored), seconds
+
+
+def _cell(value) -> str:
+    return '-' if value is None else f'{value:.3f}'
 
 
 def overlap_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
@@ -172,7 +177,7 @@ def overlap_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
 def ndcg10(ids: np.ndarray, qids, docnos, qrels) -> float:
     import ir_measures
     from ir_measures import nDCG
-    run = [ir_measures.ScoredDoc(qid, str(docnos[i]), float(K - r))
+    run = [ir_measures.ScoredDoc(qid, str(docnos[i]), float(-r))
            for qid, row in zip(qids, ids) for r, i in enumerate(row) if i >= 0]
     return float(ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10])
 
@@ -183,12 +188,17 @@ def main():
     parser.add_argument('--qnet-layers', type=int, default=6, help='q-net depth of the untrained default model')
     parser.add_argument('--doc-max-length', type=int, default=None,
                         help='document tokens (default: the model\'s own; 256 for the untrained default)')
+    parser.add_argument('--k', type=int, default=100, help='results per graph walk (default: %(default)s)')
     parser.add_argument('--quick', action='store_true', help='50 queries and 4 graph settings')
     parser.add_argument('--queries', type=int, default=None, help='use the first N test queries')
     parser.add_argument('--batch-size', type=int, default=32, help='queries per search call')
     parser.add_argument('--latency-queries', type=int, default=None,
                         help='queries searched one at a time for the latency column (default 20; 10 with --quick)')
     parser.add_argument('--settings', default=None, help='graph settings, comma-separated (see above)')
+    parser.add_argument('--index', default=None,
+                        help='an existing SciFact HypencoderIndex with a 100-NN graph built by the same document encoder '
+                             '(e.g. the quick start\'s .cache/quickstart/scifact.hypencoder); default: build one in '
+                             '.cache/benchmarks')
     parser.add_argument('--rebuild', action='store_true', help='rebuild the cached index')
     parser.add_argument('--build-only', action='store_true', help='build (or check) the index and stop')
     parser.add_argument('--out', default=str(DEFAULT_OUT))
@@ -201,7 +211,15 @@ def main():
         print('NOTE: no --model given: an UNTRAINED Hypencoder (random hyperhead) on all-MiniLM-L6-v2. Latency and '
               'documents scored are meaningful; recall against exhaustive and nDCG@10 do not reflect a trained model.',
               flush=True)
-    index, build = get_index(model, ds, args.rebuild)
+    if args.index:
+        from pyterrier_hypencoder.index import HypencoderIndex
+        index, build = HypencoderIndex(args.index), None
+        index.check_model(model)
+        if (index.graph_k or 0) < NEIGHBOURS:
+            raise SystemExit(f'--index {args.index} needs a graph of at least {NEIGHBOURS} neighbours '
+                             f'(it has {index.graph_k})')
+    else:
+        index, build = get_index(model, ds, args.rebuild)
     if build:
         print(f'index build: {build["docs"]} docs in {build["seconds"]:.0f} s ({build["docs"] / build["seconds"]:.1f} '
               f'docs/s, encoding + exact graph), doc_max_length {build["doc_max_length"]}', flush=True)
@@ -237,14 +255,15 @@ def main():
         for setting in settings:
             neighbours = min(setting[4], edges_all.shape[1])
             edges = edges_all if neighbours == edges_all.shape[1] else np.ascontiguousarray(edges_all[:, :neighbours])
-            ids, scored, seconds = run_graph(qnets, vectors, edges, setting, args.batch_size)
-            single = run_graph(qnets[:n_latency], vectors, edges, setting, 1)[2] / n_latency
+            ids, scored, seconds = run_graph(qnets, vectors, edges, setting, args.batch_size, args.k)
+            single = run_graph(qnets[:n_latency], vectors, edges, setting, 1, args.k)[2] / n_latency
             rows.append({'method': 'graph', 'setting': dict(zip(
                 ('n_initial', 'n_candidates', 'max_iter', 'early_stopping', 'neighbours'), setting[:4] + (neighbours,))),
                 'ms_per_query': 1e3 * seconds / n_queries, 'ms_single_query': 1e3 * single,
                 'docs_scored': float(scored.mean()),
                 'docs_scored_max': int(scored.max()), 'share_scored': float(scored.mean() / n_docs),
-                'recall@10': overlap_at(ids, exact_ids, 10), 'recall@100': overlap_at(ids, exact_ids, 100),
+                'recall@10': overlap_at(ids, exact_ids, 10),
+                'recall@100': overlap_at(ids, exact_ids, 100) if args.k >= 100 else None,
                 'ndcg@10': ndcg10(ids, qids, docnos, qrels)})
             print(f'  graph {setting}: {rows[-1]["ms_per_query"]:.1f} ms/query, {rows[-1]["docs_scored"]:.0f} docs, '
                   f'R@10 {rows[-1]["recall@10"]:.3f}', flush=True)
@@ -255,7 +274,7 @@ def main():
     print()
     print(f'SciFact test, {n_queries} queries, {n_docs} docs, model {model.name_or_path} '
           f'({"trained" if trained else "UNTRAINED"}, q-net {list(model.spec.vector_dimensions)}), '
-          f'{torch.get_num_threads()} threads, batch {args.batch_size}, k={K}')
+          f'{torch.get_num_threads()} threads, batch {args.batch_size}, walks return k={args.k}')
     print(f'query encoding: {1e3 * encode_seconds / n_queries:.1f} ms/query (batches of 32, not in the latencies below)')
     print(f'ms/q: search time per query in batches of {args.batch_size}; alone: mean latency of the first {n_latency} '
           'queries searched one at a time')
@@ -268,7 +287,7 @@ def main():
         cells += ['yes' if s.get('early_stopping') else ('no' if s else ''), str(s.get('neighbours', ''))]
         print(f'{r["method"]:<12}' + ''.join(f'{c:>6}' for c in cells) +
               f'{r["ms_per_query"]:>8.1f}{r["ms_single_query"]:>8.1f}{r["docs_scored"]:>7.0f}{r["share_scored"]:>7.3f}'
-              f'{n_docs / r["docs_scored"]:>7.1f}x{r["recall@10"]:>7.3f}{r["recall@100"]:>7.3f}{r["ndcg@10"]:>9.4f}')
+              f'{n_docs / r["docs_scored"]:>7.1f}x{r["recall@10"]:>7.3f}{_cell(r["recall@100"]):>7}{r["ndcg@10"]:>9.4f}')
     if best:
         print(f'fewest documents at recall@10 >= 0.95: {best["docs_scored"]:.0f} ({n_docs / best["docs_scored"]:.1f}x fewer '
               f'than exhaustive; target >= 10x: {"met" if n_docs / best["docs_scored"] >= 10 else "missed"})')
@@ -279,7 +298,7 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        'corpus': 'beir/scifact/test', 'n_docs': n_docs, 'n_queries': n_queries, 'k': K, 'model': str(model.name_or_path),
+        'corpus': 'beir/scifact/test', 'n_docs': n_docs, 'n_queries': n_queries, 'k': args.k, 'model': str(model.name_or_path),
         'trained': trained, 'qnet': list(model.spec.vector_dimensions), 'doc_max_length': model.doc_max_length,
         'device': 'cpu', 'cpu': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
         'threads': torch.get_num_threads(), 'batch_size': args.batch_size, 'latency_queries': n_latency,

@@ -275,7 +275,8 @@ class HypencoderIndexer(pt.Indexer):
             model: the :class:`~pyterrier_hypencoder.Hypencoder` that encodes documents.
             path: the index folder to create.
             neighbours: neighbours per document in the graph (the paper: 100); 0 or None for no graph.
-            graph: graph builder: ``auto`` (exact up to a size threshold, then approximate), ``exact``, ``hnsw``.
+            graph: graph builder (see :func:`~pyterrier_hypencoder.graph.build_knn_graph`): ``auto`` (exact up to a
+                size threshold, then approximate), ``exact``, ``hnsw`` or ``ivf``; None for no graph.
             text_field: the field to encode, or several fields joined by a space (e.g. ``['title', 'text']``).
             batch_size: documents per encoder forward pass.
             chunk_size: documents read and written per step (length-sorted within a chunk); bounds memory.
@@ -287,6 +288,10 @@ class HypencoderIndexer(pt.Indexer):
             raise ValueError(f'neighbours must be >= 0 (0 or None: no graph); got {neighbours}')
         if batch_size < 1 or chunk_size < 1:
             raise ValueError('batch_size and chunk_size must be >= 1')
+        from .graph import METHODS
+        if neighbours and graph is not None and graph not in METHODS:
+            # checked here, not after hours of encoding
+            raise ValueError(f'graph={graph!r} is not supported: use one of {METHODS}, or None for no graph')
         self.model = model
         self.path = Path(path)
         self.neighbours = neighbours or 0

@@ -30,7 +30,7 @@ def test_exact_matches_brute_force(corpus):
     assert (np.diff(dists, axis=1) >= 0).all()
 
 
-@pytest.mark.parametrize('method', ['exact', 'hnsw'])
+@pytest.mark.parametrize('method', ['exact', 'hnsw', 'ivf'])
 def test_self_never_a_neighbour(corpus, method):
     edges, dists = build_knn_graph(corpus, 20, method=method, batch_size=100)
     assert not (edges == np.arange(len(corpus))[:, None]).any()
@@ -38,7 +38,7 @@ def test_self_never_a_neighbour(corpus, method):
     assert (dists > 0).all()
 
 
-@pytest.mark.parametrize('method', ['exact', 'hnsw'])
+@pytest.mark.parametrize('method', ['exact', 'hnsw', 'ivf'])
 @pytest.mark.parametrize('copies', [4, 12])
 def test_duplicates_are_neighbours_but_self_is_not(corpus, method, copies):
     # copies - 1 >= k: every copy's list is made only of other copies at distance 0 (with 12 copies, ties can hide
@@ -117,6 +117,44 @@ def test_hnsw_defaults_on_clustered_vectors():
     assert neighbour_recall(approx, exact) >= 0.95
 
 
+def _clustered(n, d, topics, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((topics, d), dtype=np.float32) * 0.7
+    x = centres[rng.integers(0, topics, n)] + rng.standard_normal((n, d), dtype=np.float32)
+    return x * np.arange(1, d + 1, dtype=np.float32) ** -0.5
+
+
+def test_ivf_probing_every_cluster_is_exact(corpus):
+    edges, dists = build_knn_graph(corpus, 12, method='ivf', ivf_lists=7, ivf_probe=7)
+    ref_edges, ref_dists = brute_force(corpus, 12)
+    np.testing.assert_array_equal(edges, ref_edges)
+    np.testing.assert_allclose(dists, ref_dists, rtol=1e-4, atol=1e-4)
+
+
+def test_ivf_recall_on_clustered_vectors(tmp_path):
+    x = _clustered(5000, 64, 20, seed=3)
+    path = tmp_path / 'vecs.f2'
+    mm = np.memmap(path, dtype=np.float16, mode='w+', shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    ro = np.memmap(path, dtype=np.float16, mode='r', shape=x.shape)
+    exact, _ = build_knn_graph(ro, 20, method='exact')
+    approx, dists = build_knn_graph(ro, 20, method='ivf', ivf_probe=32, batch_size=700)
+    assert neighbour_recall(approx, exact) >= 0.95
+    assert not (approx == np.arange(len(x))[:, None]).any()
+    assert (np.diff(dists, axis=1) >= 0).all()
+    again, _ = build_knn_graph(ro, 20, method='ivf', ivf_probe=32, batch_size=700)
+    np.testing.assert_array_equal(approx, again)
+
+
+def test_ivf_tiny_clusters_still_find_k_neighbours(corpus):
+    # 200 clusters of ~2 documents and one probe: too few candidates, so the search widens to further clusters.
+    edges, dists = build_knn_graph(corpus, 20, method='ivf', ivf_lists=200, ivf_probe=1)
+    assert all(len(set(row)) == 20 for row in edges.tolist())
+    assert not (edges == np.arange(len(corpus))[:, None]).any()
+    assert (edges < len(corpus)).all() and (dists > 0).all()
+
+
 def test_auto_switches_to_hnsw_above_threshold(corpus, monkeypatch):
     import faiss
     built = []
@@ -179,7 +217,10 @@ def test_neighbour_recall():
     (dict(k=0), 'k must be a positive integer'),
     (dict(k=-3), 'k must be a positive integer'),
     (dict(k=2.5), 'k must be a positive integer'),
-    (dict(method='ivf'), "method='ivf' is not supported"),
+    (dict(method='ivfpq'), "method='ivfpq' is not supported"),
+    (dict(method='ivf', ivf_lists=0), r'ivf_lists must be in \[1, 400\]'),
+    (dict(method='ivf', ivf_lists=401), r'ivf_lists must be in \[1, 400\]'),
+    (dict(method='ivf', ivf_probe=0), 'ivf_probe must be positive'),
     (dict(batch_size=0), 'batch_size must be positive'),
     (dict(edges_out=np.empty((400, 5), np.int64)), 'edges_out must be uint32'),
     (dict(edges_out=np.empty((400, 4), np.uint32)), r'edges_out has shape \(400, 4\), expected \(400, 5\)'),
@@ -208,3 +249,36 @@ def test_not_a_matrix():
         build_knn_graph(np.zeros((5, 0), np.float32), 1)
     edges, _ = build_knn_graph([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], 1)  # nested lists are accepted
     np.testing.assert_array_equal(edges[:, 0], [1, 0, 1])
+
+
+def test_hnsw_projects_wide_vectors_and_reranks_exactly(monkeypatch):
+    import faiss
+    made = []
+    original = faiss.PCAMatrix
+
+    def spy(*args):
+        made.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(faiss, 'PCAMatrix', spy)
+    x = _clustered(3000, 512, 10, seed=5)
+    exact, exact_dists = build_knn_graph(x, 10, method='exact')
+    approx, dists = build_knn_graph(x, 10, method='hnsw')
+    assert made == [(512, 256)]
+    assert neighbour_recall(approx, exact) >= 0.95
+    # re-ranked in the full space: where the lists agree, so do the distances
+    same = approx == exact
+    np.testing.assert_allclose(dists[same], exact_dists[same], rtol=1e-3, atol=1e-3)
+    build_knn_graph(x[:, :64], 10, method='hnsw')
+    assert len(made) == 1  # narrow vectors: no projection
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(hnsw_pca=0), 'hnsw_pca must be an integer in'),
+    (dict(hnsw_pca=25), r'hnsw_pca must be an integer in \[1, 24\]'),
+    (dict(hnsw_pca='half'), 'hnsw_pca must be an integer'),
+    (dict(hnsw_pca=8, refine_factor=0), 'refine_factor must be >= 1'),
+])
+def test_bad_hnsw_arguments(corpus, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_knn_graph(corpus, 5, method='hnsw', **kwargs)

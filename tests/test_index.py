@@ -181,3 +181,17 @@ def test_flex_index_reads_the_same_vectors(built):
     query = pd.DataFrame({'qid': ['q'], 'query_vec': [np.array(index.vectors()[7])]})
     assert flex.retriever(num_results=1)(query)['docno'].tolist() == ['d7']
     assert index.flex_index(verbose=False).index_path == flex.index_path  # made once, then reused
+
+
+def test_bad_graph_method_fails_before_encoding(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match=r"graph='nsg' is not supported.*'ivf'"):
+        HypencoderIndexer(tiny_model, tmp_path / 'idx', graph='nsg')
+    HypencoderIndexer(tiny_model, tmp_path / 'idx', graph='nsg', neighbours=0)  # no graph: the method is unused
+
+
+def test_ivf_graph_in_an_index(tiny_model, tmp_path):
+    docs = [{'docno': f'd{i}', 'text': f'document number {i} about topic {i % 7}'} for i in range(60)]
+    index = HypencoderIndexer(tiny_model, tmp_path / 'idx', neighbours=10, graph='ivf', verbose=False).index(docs)
+    assert index.meta['graph'] == {'k': 10, 'metric': 'l2', 'method': 'ivf'}
+    edges = index.graph_edges()
+    assert edges.shape == (60, 10) and not (edges == np.arange(60)[:, None]).any()
