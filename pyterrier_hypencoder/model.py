@@ -59,6 +59,10 @@ def _dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
 
 def _backbone_from_config(config) -> nn.Module:
     from transformers import AutoModel
+    # transformers 4.4x saves configs marked "attention implementation already chosen", so a reloaded model would
+    # fall back to eager attention while the original ran SDPA (scores differing by ~1e-4): let it choose again.
+    if getattr(config, '_attn_implementation_autoset', False):
+        config._attn_implementation_autoset = False
     return AutoModel.from_config(config)
 
 
