@@ -6,10 +6,11 @@ The dataset needs a ``train`` split with topics and qrels and a ``test`` split t
 ``<name>/test``). The steps are the ones a user would take in their own code:
 
 1. BM25 (pyterrier-pisa) over the corpus supplies hard negatives; the qrels supply positives.
-2. A Hypencoder on a sentence-transformers backbone is trained head-only (the backbone stays frozen, so this
+2. A Hypencoder on a sentence-transformers backbone will be trained head-only (the backbone stays frozen, so this
    runs on a CPU), with 20% of the training queries held out to pick the best checkpoint by R-precision.
-3. The trained model indexes the corpus (``HypencoderIndexer``) and retrieves with ``HypencoderRetriever`` in a
-   ``pt.Experiment`` against BM25.
+3. The test corpus is indexed once (``HypencoderIndexer``); training reuses those vectors, since head-only
+   training never changes them. The trained model retrieves with ``HypencoderRetriever`` in a ``pt.Experiment``
+   against BM25.
 
 With ``IR_DATASETS_HOME`` pointing at an offline cache (``bash /work/shared/datasets/offline-cache.sh DIR``) no
 network is needed.
@@ -17,7 +18,9 @@ network is needed.
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pyterrier as pt
+import torch
 from ir_measures import R, Rprec, nDCG
 
 from pyterrier_hypencoder.index import HypencoderIndex, HypencoderIndexer
@@ -39,7 +42,7 @@ def main():
     parser.add_argument('--dataset', default='irds:beir/scifact', help='dataset prefix with /train and /test splits')
     parser.add_argument('--backbone', help='encoder to start from (default: the offline all-MiniLM-L6-v2)')
     parser.add_argument('--output', default='runs/finetune', help='output folder (default: %(default)s)')
-    parser.add_argument('--steps', type=int, default=300, help='training steps (default: %(default)s)')
+    parser.add_argument('--steps', type=int, default=400, help='training steps (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     args = parser.parse_args()
 
@@ -57,17 +60,21 @@ def main():
     data = build_training_data(topics, train.get_qrels(), bm25, corpus, num_candidates=100)
     dev = DevSet(dev_topics, train.get_qrels(), corpus)
 
-    # 2. head-only training from a warm start (the q-nets begin as the backbone's own cosine similarity)
+    # 2. the index: the backbone is frozen, so the document vectors are final before training
     model = warm_start_hypencoder(backbone, qnet_layers=2, doc_max_length=256, device=args.device)
-    config = TrainConfig(steps=args.steps, lr=1e-4, eval_every=50, head_only=True)
-    trainer = Trainer(model, data, config, dev=dev, output_dir=out / 'model', cache_dir=out / 'features')
-    trainer.train()  # the model now holds the best dev checkpoint, also saved in out/model/best
-
-    # 3. index and search
+    test_corpus = dataset_docs(test, ('title', 'text'))
     index = HypencoderIndex(out / 'index.hypencoder')
     if not index.built():
-        HypencoderIndexer(model, index.path, text_field=['title', 'text'], overwrite=True).index(
-            test.get_corpus_iter())
+        HypencoderIndexer(model, index.path, overwrite=True).index(test_corpus.to_dict('records'))
+
+    # 3. head-only training from a warm start (the q-nets begin as the backbone's own cosine similarity); documents
+    # already in the index are not encoded again
+    config = TrainConfig(steps=args.steps, warmup_steps=50, eval_every=100, head_only=True)
+    trainer = Trainer(model, data, config, dev=dev, output_dir=out / 'model', cache_dir=out / 'features')
+    trainer.features.put('docs', test_corpus['text'].tolist(), torch.from_numpy(np.array(index.vectors())))
+    trainer.train()  # the model now holds the best dev checkpoint, also saved in out/model/best
+
+    # 4. search
     print(pt.Experiment([bm25, index.retriever(model)], dataset_topics(test), test.get_qrels(),
                         names=['BM25', 'Hypencoder (fine-tuned head)'], eval_metrics=[nDCG @ 10, Rprec, R @ 100]))
 
