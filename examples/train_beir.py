@@ -131,7 +131,7 @@ def run_dataset(name: str, args, backbone: str) -> pd.DataFrame:
         'Hypencoder (head-only)': hyp_index.retriever(hyp),
     }
     result = pt.Experiment(list(systems.values()), dataset_topics(test), test.get_qrels(), eval_metrics=MEASURES,
-                           names=list(systems), round=4, validate='ignore')
+                           names=list(systems), round=4)
     result.insert(0, 'dataset', name)
     return result
 

@@ -350,21 +350,7 @@ class Hypencoder(nn.Module):
 
     def _length_sorted_batches(self, texts: Sequence[str], max_length: int,
                                batch_size: int) -> Iterator[Tuple[torch.Tensor, dict]]:
-        """Yields ``(positions, batch)``: texts grouped by token length, so little compute is spent on padding."""
-        _check_texts(texts)
-        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True,
-                             return_attention_mask=False, return_token_type_ids=False)['input_ids']
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        pad = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            positions = order[start:start + batch_size]
-            width = len(ids[positions[0]])
-            input_ids = torch.full((len(positions), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(positions), width), dtype=torch.long)
-            for row, i in enumerate(positions):
-                input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-                mask[row, :len(ids[i])] = 1
-            yield torch.tensor(positions), {'input_ids': input_ids.to(self.device), 'attention_mask': mask.to(self.device)}
+        return length_sorted_batches(self.tokenizer, texts, max_length, batch_size, self.device)
 
     @torch.no_grad()
     def encode_queries(self, queries: Sequence[str], batch_size: int = 64, verbose: bool = False) -> QNets:
@@ -407,6 +393,31 @@ class Hypencoder(nn.Module):
                                     verbose, len(docs), batch_size, 'encoding documents'):
             out[pos.to(self.device)] = self.doc_vectors(**batch)
         return out
+
+
+def length_sorted_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
+                          device) -> Iterator[Tuple[torch.Tensor, dict]]:
+    """Yields ``(positions, batch)``: texts grouped by token length, so little compute is spent on padding.
+
+    ``positions`` are the texts' indexes in ``texts``; ``batch`` holds ``input_ids`` and ``attention_mask`` on
+    ``device``, padded to the longest text of the batch.
+    """
+    _check_texts(texts)
+    if len(texts) == 0:
+        return  # the tokenizer fails on an empty list
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True,
+                    return_attention_mask=False, return_token_type_ids=False)['input_ids']
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    pad = tokenizer.pad_token_id or 0
+    for start in range(0, len(order), batch_size):
+        positions = order[start:start + batch_size]
+        width = len(ids[positions[0]])
+        input_ids = torch.full((len(positions), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(positions), width), dtype=torch.long)
+        for row, i in enumerate(positions):
+            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+            mask[row, :len(ids[i])] = 1
+        yield torch.tensor(positions), {'input_ids': input_ids.to(device), 'attention_mask': mask.to(device)}
 
 
 def pool(states: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

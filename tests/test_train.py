@@ -349,6 +349,19 @@ def test_be_base_in_flexindex_matches_exhaustive_retrieval(tiny_bert, tmp_path):
                                num_results=5)
     assert flex['docno'].tolist() == ours['docno'].tolist()
     assert np.allclose(flex['score'].to_numpy(), ours['score'].to_numpy(), atol=1e-4)
+    # empty input: empty typed output, so pt.Experiment can inspect (validate) the pipeline without a warning
+    retriever = model.biencoder() >> index.retriever(num_results=5)
+    assert 'docno' in pt.inspect.transformer_outputs(retriever, ['qid', 'query'])
+    assert retriever(topics.iloc[:0]).empty
+
+
+def test_encoders_take_empty_lists(tiny_bert):
+    dot = DotEncoder.from_backbone(str(tiny_bert), pooling='mean', device='cpu')
+    assert dot.encode_docs([]).shape == (0, dot.dim) and dot.encode_queries([]).shape == (0, dot.dim)
+    hyp = _hypencoder(tiny_bert)
+    assert hyp.encode_docs([]).shape == (0, hyp.dim)
+    with pytest.raises(ValueError, match='no queries'):
+        hyp.encode_queries([])
 
 
 def test_exhaustive_retrieve_hypencoder(tiny_bert):

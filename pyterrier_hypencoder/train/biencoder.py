@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_state_dict, read_json, resolve_folder
-from ..model import _check_texts, _dtype, _progress, default_device, pool
+from ..model import _check_texts, _dtype, _progress, default_device, length_sorted_batches, pool
 
 __all__ = ['DotEncoder']
 
@@ -230,25 +230,6 @@ class DotEncoder(nn.Module):
             ImportError: pyterrier-dr is not installed.
         """
         return _dr_biencoder_class()(self, batch_size=batch_size, text_field=text_field, verbose=verbose)
-
-
-def length_sorted_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
-                          device) -> Iterator[Tuple[torch.Tensor, dict]]:
-    """Yields ``(positions, batch)`` with texts grouped by token length, so little compute goes to padding."""
-    _check_texts(texts)
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False,
-                    return_token_type_ids=False)['input_ids']
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    pad = tokenizer.pad_token_id or 0
-    for start in range(0, len(order), batch_size):
-        positions = order[start:start + batch_size]
-        width = len(ids[positions[0]])
-        input_ids = torch.full((len(positions), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(positions), width), dtype=torch.long)
-        for row, i in enumerate(positions):
-            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-            mask[row, :len(ids[i])] = 1
-        yield torch.tensor(positions), {'input_ids': input_ids.to(device), 'attention_mask': mask.to(device)}
 
 
 _DR_CLASS = None

@@ -26,9 +26,9 @@ import pyterrier as pt
 import torch
 
 from ..checkpoint import load_state_dict
-from ..model import Hypencoder
+from ..model import Hypencoder, length_sorted_batches
 from ..qnet import QNets
-from .biencoder import DotEncoder, length_sorted_batches
+from .biencoder import DotEncoder
 from .data import DevSet, QuerySampler, TrainingGroups
 from .losses import distillation_loss, hard_negative_cross_entropy
 
