@@ -53,3 +53,32 @@ def test_readme_snippets_run(tmp_path, monkeypatch, parity_dir, tiny_bert, irds_
             exec(compile(code, f'README.md python block {i}', 'exec'), namespace)
         except Exception as e:  # name the failing block
             pytest.fail(f'README python block {i} failed: {type(e).__name__}: {e}\n{block}')
+
+
+
+def _check_package_imports(source: str, where: str) -> None:
+    """Parses ``source`` and checks that every name it imports from this package exists."""
+    import ast
+    import importlib
+
+    for node in ast.walk(ast.parse(source, filename=where)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('pyterrier_hypencoder'):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f'{where}: {node.module} has no {alias.name}'
+
+
+@pytest.mark.parametrize('script', sorted((README.parent / 'examples').glob('*.py')), ids=lambda p: p.name)
+def test_examples_compile_and_import_real_names(script):
+    # The examples are too slow for CI; this catches syntax errors and imports of renamed names.
+    _check_package_imports(script.read_text(), script.name)
+
+
+def test_notebook_cells_compile_and_import_real_names():
+    import json
+
+    notebook = json.loads((README.parent / 'examples' / 'quickstart.ipynb').read_text())
+    cells = [''.join(c['source']) for c in notebook['cells'] if c['cell_type'] == 'code']
+    assert len(cells) >= 4
+    for i, source in enumerate(cells):
+        _check_package_imports(source, f'quickstart.ipynb cell {i}')
