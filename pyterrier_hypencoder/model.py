@@ -88,7 +88,52 @@ def _load_into(module: nn.Module, state: dict, what: str) -> None:
     module.load_state_dict(state, strict=False)
 
 
-class Hypencoder(nn.Module):
+class TextEncoder(nn.Module):
+    """What :class:`Hypencoder` and the training package's ``DotEncoder`` share: a tokenizer and one or two
+    backbones (``backbone``, optional ``doc_backbone``) on one device and dtype."""
+
+    doc_backbone: Optional[nn.Module] = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _check_max_length(self, max_length: int, name: str = 'max_length') -> None:
+        # Longer inputs than the position embeddings fail deep inside the backbone with a shape error.
+        limits = [getattr(b.config, 'max_position_embeddings', None) for b in (self.backbone, self.doc_backbone)
+                  if b is not None]
+        limit = min((x for x in limits if isinstance(x, int)), default=None)
+        if max_length < 1:
+            raise ValueError(f'{name} must be >= 1; got {max_length}')
+        if limit is not None and max_length > limit:
+            raise ValueError(f'{name}={max_length} is more tokens than the backbone has positions ({limit}); set '
+                             f'{name} to at most {limit}')
+
+    def _place(self, device, dtype: DTypeLike):
+        self._check_max_length(self.query_max_length, 'query_max_length')
+        self._check_max_length(self.doc_max_length, 'doc_max_length')
+        self.to(device=default_device(device), dtype=_dtype(dtype) or torch.float32)
+        return self.eval()
+
+    def tokenize(self, texts: Sequence[str], max_length: int) -> dict:
+        """Tokenises ``texts`` padded to the longest, truncated to ``max_length``, on the model's device."""
+        _check_texts(texts)
+        self._check_max_length(max_length)
+        enc = self.tokenizer(list(texts), padding='longest', truncation=True, max_length=max_length,
+                             return_tensors='pt', return_token_type_ids=False)
+        return {'input_ids': enc['input_ids'].to(self.device), 'attention_mask': enc['attention_mask'].to(self.device)}
+
+    def _length_sorted_batches(self, texts: Sequence[str], max_length: int, batch_size: int,
+                               name: str = 'max_length') -> Iterator[Tuple[torch.Tensor, dict]]:
+        self._check_max_length(max_length, name)
+        return length_sorted_batches(self.tokenizer, texts, max_length, batch_size, self.device)
+
+
+class Hypencoder(TextEncoder):
     """A Hypencoder: queries become q-nets, documents become vectors, and ``q_net(doc_vector)`` is the score.
 
     Load a released checkpoint with :meth:`from_pretrained`, start training from any Hugging Face encoder with
@@ -253,12 +298,6 @@ class Hypencoder(nn.Module):
         local = folder / fallback
         return AutoTokenizer.from_pretrained(str(local) if (local / 'tokenizer_config.json').exists() else fallback)
 
-    def _place(self, device, dtype: DTypeLike) -> Hypencoder:
-        self._check_max_length(self.query_max_length, 'query_max_length')
-        self._check_max_length(self.doc_max_length, 'doc_max_length')
-        self.to(device=default_device(device), dtype=_dtype(dtype) or torch.float32)
-        return self.eval()
-
     def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
         """Saves weights (safetensors), configs and tokenizer, so :meth:`from_pretrained` restores the model exactly.
 
@@ -299,14 +338,6 @@ class Hypencoder(nn.Module):
         """Size of the document vectors."""
         return self.spec.vector_dimensions[0]
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     def __repr__(self) -> str:
         name = self.name_or_path or type(self.backbone).__name__
         return (f'Hypencoder({name!r}, qnet={list(self.spec.vector_dimensions)}, pooling={self.pooling!r}, '
@@ -329,29 +360,6 @@ class Hypencoder(nn.Module):
 
     # ---- text in, tensors out -------------------------------------------------------------------------------
 
-    def _check_max_length(self, max_length: int, name: str = 'max_length') -> None:
-        # Longer inputs than the position embeddings fail deep inside the backbone with a shape error.
-        limits = [getattr(b.config, 'max_position_embeddings', None) for b in (self.backbone, self.doc_backbone)
-                  if b is not None]
-        limit = min((x for x in limits if isinstance(x, int)), default=None)
-        if max_length < 1:
-            raise ValueError(f'{name} must be >= 1; got {max_length}')
-        if limit is not None and max_length > limit:
-            raise ValueError(f'{name}={max_length} is more tokens than the backbone has positions ({limit}); set '
-                             f'{name} to at most {limit}')
-
-    def tokenize(self, texts: Sequence[str], max_length: int) -> dict:
-        """Tokenises ``texts`` padded to the longest, truncated to ``max_length``, on the model's device."""
-        _check_texts(texts)
-        self._check_max_length(max_length)
-        enc = self.tokenizer(list(texts), padding='longest', truncation=True, max_length=max_length,
-                             return_tensors='pt', return_token_type_ids=False)
-        return {'input_ids': enc['input_ids'].to(self.device), 'attention_mask': enc['attention_mask'].to(self.device)}
-
-    def _length_sorted_batches(self, texts: Sequence[str], max_length: int,
-                               batch_size: int) -> Iterator[Tuple[torch.Tensor, dict]]:
-        return length_sorted_batches(self.tokenizer, texts, max_length, batch_size, self.device)
-
     @torch.no_grad()
     def encode_queries(self, queries: Sequence[str], batch_size: int = 64, verbose: bool = False) -> QNets:
         """Encodes queries into q-nets.
@@ -364,10 +372,9 @@ class Hypencoder(nn.Module):
         Returns:
             :class:`QNets` in input order; ``.score(doc_vectors)`` gives ``[n_queries, n_docs]``.
         """
-        self._check_max_length(self.query_max_length, 'query_max_length')
         parts, positions = [], []
-        for pos, batch in _progress(self._length_sorted_batches(queries, self.query_max_length, batch_size),
-                                    verbose, len(queries), batch_size, 'encoding queries'):
+        batches = self._length_sorted_batches(queries, self.query_max_length, batch_size, 'query_max_length')
+        for pos, batch in _progress(batches, verbose, len(queries), batch_size, 'encoding queries'):
             parts.append(self.query_qnets(**batch))
             positions.append(pos)
         if not parts:
@@ -387,10 +394,9 @@ class Hypencoder(nn.Module):
         Returns:
             ``[n_docs, dim]`` tensor on the model's device, in the model's dtype.
         """
-        self._check_max_length(self.doc_max_length, 'doc_max_length')
         out = torch.empty(len(docs), self.dim, device=self.device, dtype=self.dtype)
-        for pos, batch in _progress(self._length_sorted_batches(docs, self.doc_max_length, batch_size),
-                                    verbose, len(docs), batch_size, 'encoding documents'):
+        batches = self._length_sorted_batches(docs, self.doc_max_length, batch_size, 'doc_max_length')
+        for pos, batch in _progress(batches, verbose, len(docs), batch_size, 'encoding documents'):
             out[pos.to(self.device)] = self.doc_vectors(**batch)
         return out
 

@@ -466,3 +466,13 @@ def test_cli_trains_from_a_file(tiny_bert, tmp_path, head):
         model = Hypencoder.from_pretrained(tmp_path / 'out' / 'final', device='cpu')
         assert model.spec.vector_dimensions == (32, 32, 1)
         assert model.spec.residual_on_last == ('--warm-start' in head)
+
+
+def test_dot_encoder_checks_max_lengths(tiny_bert):
+    limit = DotEncoder.from_backbone(str(tiny_bert), device='cpu').backbone.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f'doc_max_length={limit + 1} is more tokens than the backbone has positions'):
+        DotEncoder.from_backbone(str(tiny_bert), doc_max_length=limit + 1, device='cpu')
+    model = DotEncoder.from_backbone(str(tiny_bert), device='cpu')
+    model.query_max_length = 0
+    with pytest.raises(ValueError, match='query_max_length must be >= 1'):
+        model.encode_queries(['apple'])

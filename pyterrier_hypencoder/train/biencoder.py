@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_state_dict, read_json, resolve_folder
-from ..model import _check_texts, _dtype, _progress, default_device, length_sorted_batches, pool
+from ..model import TextEncoder, _backbone_from_config, _progress, pool
 
 __all__ = ['DotEncoder']
 
@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 _POOLINGS = ('cls', 'mean')
 
 
-class DotEncoder(nn.Module):
+class DotEncoder(TextEncoder):
     """A single-vector bi-encoder: ``score(q, d) = (P pool(q)) . pool(d)`` (BE-Base in the Hypencoder paper).
 
     The interface mirrors :class:`~pyterrier_hypencoder.Hypencoder` (``encode_queries``, ``encode_docs``,
@@ -104,7 +104,7 @@ class DotEncoder(nn.Module):
         Raises:
             CheckpointError: the folder is missing, is not a saved DotEncoder, or its weights do not fit.
         """
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         path = resolve_folder(folder)
         config = read_json(path / 'config.json')
         if FORMAT_NAME not in config:
@@ -113,7 +113,7 @@ class DotEncoder(nn.Module):
         meta = config[FORMAT_NAME]
         if meta.get('format_version', 0) > FORMAT_VERSION:
             raise CheckpointError(f'{path} was saved by a newer pyterrier-hypencoder; upgrade the package')
-        backbone = AutoModel.from_config(AutoConfig.from_pretrained(str(path / 'backbone')))
+        backbone = _backbone_from_config(AutoConfig.from_pretrained(str(path / 'backbone')))
         model = cls(backbone, AutoTokenizer.from_pretrained(str(path)), pooling=meta['pooling'],
                     normalize=meta['normalize'], query_projection=meta['query_projection'],
                     query_max_length=meta['query_max_length'], doc_max_length=meta['doc_max_length'],
@@ -126,10 +126,6 @@ class DotEncoder(nn.Module):
             raise CheckpointError(f'{path} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}')
         model.load_state_dict(state, strict=False)
         return model._place(device, dtype)
-
-    def _place(self, device, dtype) -> DotEncoder:
-        self.to(device=default_device(device), dtype=_dtype(dtype) or torch.float32)
-        return self.eval()
 
     def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
         """Saves weights (safetensors), configs and tokenizer, so :meth:`from_pretrained` restores the model exactly."""
@@ -154,14 +150,6 @@ class DotEncoder(nn.Module):
     def dim(self) -> int:
         """Size of the query and document vectors."""
         return self.backbone.config.hidden_size
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def __repr__(self) -> str:
         sim = 'cos' if self.normalize else 'dot'
@@ -190,32 +178,28 @@ class DotEncoder(nn.Module):
         states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.finish_docs(pool(states, attention_mask, self.pooling))
 
-    def tokenize(self, texts: Sequence[str], max_length: int) -> dict:
-        """Tokenises ``texts`` padded to the longest, truncated to ``max_length``, on the model's device."""
-        _check_texts(texts)
-        enc = self.tokenizer(list(texts), padding='longest', truncation=True, max_length=max_length,
-                             return_tensors='pt', return_token_type_ids=False)
-        return {'input_ids': enc['input_ids'].to(self.device), 'attention_mask': enc['attention_mask'].to(self.device)}
-
     # ---- text in, tensors out -------------------------------------------------------------------------------
 
-    def _encode(self, texts: Sequence[str], max_length: int, batch_size: int, verbose: bool, fn, desc: str):
+    def _encode(self, texts: Sequence[str], max_length: int, batch_size: int, verbose: bool, fn, desc: str,
+                name: str):
         texts = list(texts)
         out = torch.empty(len(texts), self.dim, device=self.device, dtype=self.dtype)
-        for pos, batch in _progress(length_sorted_batches(self.tokenizer, texts, max_length, batch_size, self.device),
-                                    verbose, len(texts), batch_size, desc):
+        batches = self._length_sorted_batches(texts, max_length, batch_size, name)
+        for pos, batch in _progress(batches, verbose, len(texts), batch_size, desc):
             out[pos.to(self.device)] = fn(**batch).to(self.dtype)
         return out
 
     @torch.no_grad()
     def encode_queries(self, queries: Sequence[str], batch_size: int = 64, verbose: bool = False) -> torch.Tensor:
         """Encodes queries into vectors ``[n, dim]`` (input order)."""
-        return self._encode(queries, self.query_max_length, batch_size, verbose, self.query_vectors, 'encoding queries')
+        return self._encode(queries, self.query_max_length, batch_size, verbose, self.query_vectors, 'encoding queries',
+                            'query_max_length')
 
     @torch.no_grad()
     def encode_docs(self, docs: Sequence[str], batch_size: int = 32, verbose: bool = False) -> torch.Tensor:
         """Encodes documents into vectors ``[n, dim]`` (input order)."""
-        return self._encode(docs, self.doc_max_length, batch_size, verbose, self.doc_vectors, 'encoding documents')
+        return self._encode(docs, self.doc_max_length, batch_size, verbose, self.doc_vectors, 'encoding documents',
+                            'doc_max_length')
 
     def biencoder(self, batch_size: int = 32, text_field: str = 'text', verbose: bool = False):
         """This model as a ``pyterrier_dr.BiEncoder``: ``FlexIndex`` indexing, retrieval and text scoring.

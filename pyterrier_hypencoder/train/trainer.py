@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import pyterrier as pt
 import torch
 
 from ..checkpoint import load_state_dict
-from ..model import Hypencoder, length_sorted_batches
+from ..model import Hypencoder, _progress, pool
 from ..qnet import QNets
 from .biencoder import DotEncoder
 from .data import DevSet, QuerySampler, TrainingGroups
@@ -171,10 +170,8 @@ class _Ops:
         """Frozen backbone token states, one ``[tokens, hidden]`` tensor per query (padding removed)."""
         model = self.model
         out: List[Optional[torch.Tensor]] = [None] * len(texts)
-        it = length_sorted_batches(model.tokenizer, list(texts), model.query_max_length, batch_size, model.device)
-        if verbose:
-            it = pt.tqdm(it, total=math.ceil(len(texts) / batch_size), desc='encoding queries (frozen)', unit='batch')
-        for pos, batch in it:
+        it = model._length_sorted_batches(list(texts), model.query_max_length, batch_size, 'query_max_length')
+        for pos, batch in _progress(it, verbose, len(texts), batch_size, 'encoding queries (frozen)'):
             states = model.backbone(**batch).last_hidden_state
             lengths = batch['attention_mask'].sum(1).tolist()
             for row, i in enumerate(pos.tolist()):
@@ -184,14 +181,11 @@ class _Ops:
     @torch.no_grad()
     def pooled_docs(self, texts: Sequence[str], batch_size: int, verbose: bool) -> torch.Tensor:
         """Frozen pooled document vectors ``[n, dim]`` straight from the backbone (before any normalisation)."""
-        from ..model import pool
         model = self.model
         backbone = getattr(model, 'doc_backbone', None) or model.backbone
         out = torch.empty(len(texts), model.dim)
-        it = length_sorted_batches(model.tokenizer, list(texts), model.doc_max_length, batch_size, model.device)
-        if verbose:
-            it = pt.tqdm(it, total=math.ceil(len(texts) / batch_size), desc='encoding documents (frozen)', unit='batch')
-        for pos, batch in it:
+        it = model._length_sorted_batches(list(texts), model.doc_max_length, batch_size, 'doc_max_length')
+        for pos, batch in _progress(it, verbose, len(texts), batch_size, 'encoding documents (frozen)'):
             states = backbone(**batch).last_hidden_state
             out[pos] = pool(states, batch['attention_mask'], model.pooling).float().cpu()
         return out
