@@ -20,6 +20,28 @@ def corpus():
     return np.random.default_rng(0).standard_normal((400, 24), dtype=np.float32)
 
 
+def _clustered(n, d, topics, seed):
+    """A Gaussian mixture with a decaying variance spectrum, like dense text embeddings (smaller than the benchmark's)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((topics, d), dtype=np.float32) * 0.7
+    x = centres[rng.integers(0, topics, n)] + rng.standard_normal((n, d), dtype=np.float32)
+    return x * np.arange(1, d + 1, dtype=np.float32) ** -0.5
+
+
+def _spy(monkeypatch, name):
+    """Records the arguments of every ``faiss.<name>(...)`` construction; returns that list."""
+    import faiss
+    calls = []
+    original = getattr(faiss, name)
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(faiss, name, spy)
+    return calls
+
+
 def test_exact_matches_brute_force(corpus):
     edges, dists = build_knn_graph(corpus, 12, method='exact', batch_size=64)
     ref_edges, ref_dists = brute_force(corpus, 12)
@@ -107,21 +129,10 @@ def test_hnsw_recall_on_random_vectors():
 
 
 def test_hnsw_defaults_on_clustered_vectors():
-    # A Gaussian mixture with a decaying variance spectrum, like dense text embeddings (smaller than the benchmark's).
-    rng = np.random.default_rng(7)
-    centres = rng.standard_normal((20, 64), dtype=np.float32) * 0.7
-    x = (centres[rng.integers(0, 20, 5000)] + rng.standard_normal((5000, 64), dtype=np.float32))
-    x *= np.arange(1, 65, dtype=np.float32) ** -0.5
+    x = _clustered(5000, 64, 20, seed=7)
     exact, _ = build_knn_graph(x, 20, method='exact')
     approx, _ = build_knn_graph(x, 20, method='hnsw')
     assert neighbour_recall(approx, exact) >= 0.95
-
-
-def _clustered(n, d, topics, seed):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((topics, d), dtype=np.float32) * 0.7
-    x = centres[rng.integers(0, topics, n)] + rng.standard_normal((n, d), dtype=np.float32)
-    return x * np.arange(1, d + 1, dtype=np.float32) ** -0.5
 
 
 def test_ivf_probing_every_cluster_is_exact(corpus):
@@ -156,15 +167,7 @@ def test_ivf_tiny_clusters_still_find_k_neighbours(corpus):
 
 
 def test_auto_switches_to_hnsw_above_threshold(corpus, monkeypatch):
-    import faiss
-    built = []
-    original = faiss.IndexHNSWFlat
-
-    def spy(*args):
-        built.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(faiss, 'IndexHNSWFlat', spy)
+    built = _spy(monkeypatch, 'IndexHNSWFlat')
     exact, _ = build_knn_graph(corpus, 5, method='auto', exact_max_docs=len(corpus))
     assert built == []
     np.testing.assert_array_equal(exact, brute_force(corpus, 5)[0])
@@ -252,15 +255,7 @@ def test_not_a_matrix():
 
 
 def test_hnsw_projects_wide_vectors_and_reranks_exactly(monkeypatch):
-    import faiss
-    made = []
-    original = faiss.PCAMatrix
-
-    def spy(*args):
-        made.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(faiss, 'PCAMatrix', spy)
+    made = _spy(monkeypatch, 'PCAMatrix')
     x = _clustered(3000, 512, 10, seed=5)
     exact, exact_dists = build_knn_graph(x, 10, method='exact')
     approx, dists = build_knn_graph(x, 10, method='hnsw')
