@@ -185,6 +185,10 @@ class QNets:
     def detach(self) -> QNets:
         return QNets([w.detach() for w in self.weights], [b.detach() for b in self.biases], self.spec, False)
 
+    def clone(self) -> QNets:
+        """A copy with its own memory (a slice such as ``qnets[3]`` shares, and so keeps alive, the whole batch's)."""
+        return QNets([w.clone() for w in self.weights], [b.clone() for b in self.biases], self.spec, self.training)
+
     @staticmethod
     def cat(parts: Sequence[QNets]) -> QNets:
         """Concatenates batches of q-nets (of the same spec) along the query axis."""

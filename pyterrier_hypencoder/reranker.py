@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Sequence, Union
+from typing import List, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -116,8 +116,8 @@ class HypencoderReranker(pt.Transformer):
                     'index).', e.modes) from None
             raise
 
-    def _qnets(self, queries: Sequence[str]) -> QNets:
-        """The q-nets of ``queries``, from the cache where it has them."""
+    def _qnets(self, queries: Sequence[str]) -> List[QNets]:
+        """The q-net of each of ``queries`` (one-query :class:`QNets`), from the cache where it has them."""
         # The cache is only touched under the lock, and the q-nets used come from a local dict, so threads that
         # evict each other's entries meanwhile change nothing here. Encoding runs outside the lock.
         with self._lock:
@@ -127,12 +127,13 @@ class HypencoderReranker(pt.Transformer):
         missing = [q for q in dict.fromkeys(queries) if q not in found]
         if missing:
             qnets = self.model.encode_queries(missing, batch_size=self.batch_size).to(self.search_device)
-            found.update((q, qnets[i]) for i, q in enumerate(missing))
+            # copies, so that a cached query does not keep its whole encoding batch in memory
+            found.update((q, qnets[i].clone()) for i, q in enumerate(missing))
             with self._lock:
                 self._cache.update((q, found[q]) for q in missing)
                 while len(self._cache) > _QNET_CACHE:
                     self._cache.popitem(last=False)
-        return QNets.cat([found[q] for q in queries])
+        return [found[q] for q in queries]
 
     def _doc_vectors(self, frame: pd.DataFrame) -> torch.Tensor:
         """Vectors of the documents of ``frame``'s rows, on the scoring device."""
@@ -176,7 +177,6 @@ class HypencoderReranker(pt.Transformer):
                     lo, hi = bounds[first + j] - bounds[first], bounds[first + j + 1] - bounds[first]
                     scores[rows[lo:hi]] = qnets[j].score(vectors[lo:hi])[0].double().cpu().numpy()
                 bar.update(last - first)
-        out = inp.assign(score=scores)
-        out['rank'] = out.groupby('qid', sort=False)['score'].rank(ascending=False, method='first').astype('int64') - 1
+        out = pt.model.add_ranks(inp.assign(score=scores))
         qid_order, _ = pd.factorize(out['qid'])
         return out.iloc[np.lexsort((out['rank'].to_numpy(), qid_order))].reset_index(drop=True)
