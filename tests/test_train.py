@@ -419,6 +419,15 @@ def test_model_scorer_as_teacher(tiny_bert):
 def test_trainer_rejects_bad_options(tiny_bert):
     with pytest.raises(ValueError, match='schedule'):
         TrainConfig(schedule='cosine')
+    for bad, message in [(dict(log_every=0), 'log_every must be >= 1'), (dict(eval_every=-1), 'eval_every must be >= 0'),
+                         (dict(lr=-1e-3), 'lr must be > 0'), (dict(temperature=0), 'temperature must be > 0'),
+                         (dict(metric='nonsense'), "metric='nonsense' is not an ir_measures measure")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+    with_nan = fruit_frame().assign(score=1.0)
+    with_nan.loc[3, 'score'] = float('nan')
+    with pytest.raises(ValueError, match='1 missing or infinite teacher scores'):
+        Trainer(_hypencoder(tiny_bert), with_nan, _config(loss='distill'), verbose=False)
     with pytest.raises(ValueError, match='teacher scores'):
         Trainer(_hypencoder(tiny_bert), fruit_frame(), _config(loss='distill'), verbose=False)
     with pytest.raises(ValueError, match='exceeds'):

@@ -263,6 +263,10 @@ class TrainingGroups:
         self._neg: List[np.ndarray] = []
         self._pos_sets: List[frozenset] = []
         teacher = frame['score'].to_numpy(np.float32) if 'score' in frame.columns else None
+        if teacher is not None and not np.isfinite(teacher).all():
+            bad = frame.loc[~np.isfinite(teacher), ['qid', 'docno']].head(3).to_dict('records')
+            raise ValueError(f'the score column has {int((~np.isfinite(teacher)).sum())} missing or infinite teacher '
+                             f'scores, e.g. {bad}; drop or fill those rows')
         labels = frame['label'].to_numpy() if 'label' in frame.columns else None
         self._teacher = teacher if self.use_teacher else None
         dropped = 0

@@ -65,7 +65,7 @@ class TrainConfig:
         seed: seeds query order, negative sampling and dropout.
         eval_every: evaluate on the dev set every this many steps (0: only at the end).
         save_every: write a resumable checkpoint every this many steps (0: only at the end).
-        keep_checkpoints: resumable checkpoints kept on disk (older ones are deleted).
+        keep_checkpoints: resumable checkpoints kept on disk (older ones are deleted; 0 keeps them all).
         metric: the dev measure used to keep the best checkpoint (an ir_measures name; the paper uses R-precision).
         num_results: documents ranked per dev query.
         log_every: steps between loss log entries.
@@ -100,11 +100,20 @@ class TrainConfig:
             raise ValueError(f'schedule must be "constant" or "linear"; got {self.schedule!r}')
         if self.loss not in ('auto', 'distill', 'ce'):
             raise ValueError(f'loss must be "auto", "distill" or "ce"; got {self.loss!r}')
-        for name in ('steps', 'batch_size', 'num_negatives'):
+        for name in ('steps', 'batch_size', 'num_negatives', 'num_results', 'log_every', 'encode_batch_size'):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1; got {getattr(self, name)}')
-        if self.warmup_steps < 0:
-            raise ValueError(f'warmup_steps must be >= 0; got {self.warmup_steps}')
+        for name in ('warmup_steps', 'eval_every', 'save_every', 'keep_checkpoints', 'weight_decay', 'grad_clip'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'{name} must be >= 0; got {getattr(self, name)}')
+        for name in ('lr', 'head_lr', 'temperature'):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f'{name} must be > 0 (or None for the default); got {getattr(self, name)}')
+        import ir_measures
+        try:
+            ir_measures.parse_measure(self.metric)
+        except Exception as e:  # ir_measures raises several kinds for a bad name
+            raise ValueError(f'metric={self.metric!r} is not an ir_measures measure (e.g. "Rprec", "nDCG@10")') from e
 
 
 def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
