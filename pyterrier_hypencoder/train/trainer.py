@@ -191,7 +191,7 @@ class _Ops:
     def pooled_docs(self, texts: Sequence[str], batch_size: int, verbose: bool) -> torch.Tensor:
         """Frozen pooled document vectors ``[n, dim]`` straight from the backbone (before any normalisation)."""
         model = self.model
-        backbone = getattr(model, 'doc_backbone', None) or model.backbone
+        backbone = model.doc_backbone or model.backbone
         out = torch.empty(len(texts), model.dim)
         it = model._length_sorted_batches(list(texts), model.doc_max_length, batch_size, 'doc_max_length')
         for pos, batch in _progress(it, verbose, len(texts), batch_size, 'encoding documents (frozen)'):
@@ -215,12 +215,13 @@ def _pad_states(states: Sequence[torch.Tensor]):
     return out, mask
 
 
-def _backbone_fingerprint(model: Model) -> str:
-    """A short key of the backbone's weights (a sample of every 7th tensor), so a changed backbone misses the cache."""
+def _backbone_fingerprint(backbone: torch.nn.Module) -> str:
+    """A short key of a backbone's weights (a sample of every 7th tensor), so a changed backbone misses the cache."""
     h = hashlib.sha256()
-    for name, p in list(model.backbone.named_parameters())[::7]:
+    for name, p in list(backbone.named_parameters())[::7]:
         h.update(name.encode())
-        h.update(np.ascontiguousarray(p.detach().float().cpu().flatten()[:256].numpy()).tobytes())
+        # sample before converting: copying whole tensors (the embedding matrix) to the CPU was the slow part
+        h.update(np.ascontiguousarray(p.detach().flatten()[:256].float().cpu().numpy()).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -250,10 +251,12 @@ class FeatureStore:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size = batch_size
         self.verbose = verbose
-        backbone = _backbone_fingerprint(model)
+        # documents come from the document backbone where the model has its own (Hypencoder's doc_backbone)
+        doc_backbone = _backbone_fingerprint(model.doc_backbone or model.backbone)
+        query_backbone = _backbone_fingerprint(model.backbone)
         self._names = {
-            'docs': f'docs-{backbone}-{model.pooling}-{model.doc_max_length}.pt',
-            'queries': f'queries-{backbone}-{model.query_max_length}.pt',
+            'docs': f'docs-{doc_backbone}-{model.pooling}-{model.doc_max_length}.pt',
+            'queries': f'queries-{query_backbone}-{model.query_max_length}.pt',
         }
         self._stores: Dict[str, Dict[str, torch.Tensor]] = {}
 
