@@ -172,11 +172,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.train:
         train_topics = D.dataset_topics(args.train, args.topics_variant)
         corpus = D.dataset_docs(args.train, args.fields, verbose=verbose)
+        qrels = pt.get_dataset(args.train).get_qrels()
         if args.dev_fraction:
             train_topics, dev_topics = D.split_topics(train_topics, args.dev_fraction, seed=args.seed)
-            dev = D.DevSet(dev_topics, pt.get_dataset(args.train).get_qrels(), corpus)
+            dev = D.DevSet(dev_topics, qrels, corpus)
         bm25 = D.pisa_bm25(corpus, args.pisa_index or output / 'bm25.pisa')
-        frame = D.build_training_data(train_topics, pt.get_dataset(args.train).get_qrels(), bm25, corpus,
+        frame = D.build_training_data(train_topics, qrels, bm25, corpus,
                                       num_candidates=args.candidates, teacher=_teacher(args), verbose=verbose)
     else:
         if args.dev_fraction:

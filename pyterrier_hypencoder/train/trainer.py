@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -811,8 +812,9 @@ class Trainer:
             batch = self.groups.batch(sampler.next(cfg.batch_size), cfg.num_negatives, negatives)
             with self._autocast():
                 loss = self._loss(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f'the loss became {loss.item()} at step {self.state.step}; lower the learning '
+            value = loss.item()  # one device-to-host sync per step, for the check and the log
+            if not math.isfinite(value):
+                raise FloatingPointError(f'the loss became {value} at step {self.state.step}; lower the learning '
                                          f'rate (now {self.lr}) or enable gradient clipping')
             loss.backward()
             if cfg.grad_clip > 0:
@@ -821,7 +823,7 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
-            running.append(loss.item())
+            running.append(value)
             bar.update(1)
             if self.state.step % cfg.log_every == 0 or self.state.step == cfg.steps:
                 mean = float(np.mean(running))
