@@ -176,9 +176,6 @@ class HypencoderIndex(pta.Artifact):
 
     def graph_edges(self) -> np.ndarray:
         """``[n_docs, k]`` uint32 neighbour rows, nearest first, memory-mapped."""
-        if not self.has_graph():
-            raise HypencoderIndexError(f'the index {self.path} has no neighbour graph; rebuild it with '
-                              'HypencoderIndexer(..., neighbours=100) to use graph-mode retrieval')
         return self.corpus_graph().edges_data
 
     def corpus_graph(self, k: Optional[int] = None):
@@ -189,7 +186,8 @@ class HypencoderIndex(pta.Artifact):
         """
         from pyterrier_adaptive.corpus_graph import NpTopKCorpusGraph
         if not self.has_graph():
-            self.graph_edges()  # raises the explanatory error
+            raise HypencoderIndexError(f'the index {self.path} has no neighbour graph; rebuild it with '
+                                       'HypencoderIndexer(..., neighbours=100) to use graph-mode retrieval')
         return NpTopKCorpusGraph(self.path / _graph_dirname(self.graph_k), k=k)
 
     def check_model(self, model) -> None:
@@ -215,8 +213,15 @@ class HypencoderIndex(pta.Artifact):
     # ---- transformers handed out by the index (as FlexIndex does) -----------------------------------------------
 
     def indexer(self, model, **kwargs) -> HypencoderIndexer:
-        """A :class:`HypencoderIndexer` that builds this index with ``model``."""
-        return HypencoderIndexer(model, self.path, **kwargs)
+        """A :class:`HypencoderIndexer` that builds this index with ``model`` (this object then reads the new one)."""
+        indexer = HypencoderIndexer(model, self.path, **kwargs)
+        indexer._built_for = self
+        return indexer
+
+    def _forget(self) -> None:
+        """Drops the cached metadata, vectors and docnos, e.g. after the folder was rebuilt (overwrite=True)."""
+        for name in ('meta', '_vectors', 'docnos'):
+            self.__dict__.pop(name, None)
 
     def retriever(self, model, **kwargs):
         """A :class:`~pyterrier_hypencoder.retriever.HypencoderRetriever` over this index."""
@@ -302,6 +307,7 @@ class HypencoderIndexer(pt.Indexer):
         self.dtype = 'float16' if fp16 else 'float32'
         self.overwrite = overwrite
         self.verbose = verbose
+        self._built_for: Optional[HypencoderIndex] = None  # set by HypencoderIndex.indexer()
 
     def __repr__(self) -> str:
         return (f'HypencoderIndexer({str(self.path)!r}, neighbours={self.neighbours}, text_field={self.text_fields}, '
@@ -339,6 +345,9 @@ class HypencoderIndexer(pt.Indexer):
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        if self._built_for is not None:
+            self._built_for._forget()  # it may hold the replaced index's metadata and memory maps
+            return self._built_for
         return HypencoderIndex(self.path)
 
     def _move_into_place(self, tmp: Path) -> None:

@@ -126,8 +126,8 @@ class HypencoderRetriever(pt.Transformer):
         self.index = _load_index(index)
         self.index.check_model(model)
         self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not after the first search
-        if mode == 'graph':
-            self.index.graph_edges()  # raises, explaining how to build a graph, if there is none
+        # a memory map, read as the walk needs it; raises, explaining how to build a graph, if there is none
+        self._edges = self.index.graph_edges() if mode == 'graph' else None
         self.num_results = int(num_results)
         self.mode = mode
         self.n_initial = n_initial
@@ -138,7 +138,6 @@ class HypencoderRetriever(pt.Transformer):
         self.batch_size = batch_size
         self.verbose = verbose
         self._vectors = None
-        self._edges = None
 
     def __repr__(self) -> str:
         args = [repr(str(self.index.path)), f'num_results={self.num_results}', f'mode={self.mode!r}']
@@ -175,8 +174,6 @@ class HypencoderRetriever(pt.Transformer):
         vectors = self._search_vectors()
         if self.mode == 'exhaustive':
             return exhaustive_search(qnets, vectors, self.num_results)
-        if self._edges is None:
-            self._edges = self.index.graph_edges()
         scores, ids, _ = graph_search(qnets, vectors, self._edges, self.num_results,
                                       n_initial=self.n_initial, n_candidates=self.n_candidates, max_iter=self.max_iter,
                                       early_stopping=self.early_stopping, seed=self.seed)

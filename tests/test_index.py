@@ -95,6 +95,15 @@ def test_overwrite_replaces_atomically(tiny_model, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['i']  # no temporary folders left behind
 
 
+def test_index_object_reads_its_rebuilt_folder(tiny_model, tmp_path):
+    index = HypencoderIndexer(tiny_model, tmp_path / 'i', neighbours=0, verbose=False).index(make_docs(20))
+    assert len(index.vectors()) == 20 and index.docnos.fwd[19] == make_docs(20)[19]['docno']  # cached now
+    rebuilt = index.indexer(tiny_model, neighbours=3, overwrite=True, verbose=False).index(make_docs(30, 1))
+    assert rebuilt is index
+    assert len(index) == 30 and len(index.vectors()) == 30 and index.graph_k == 3
+    assert index.docnos.fwd[29] == make_docs(30, 1)[29]['docno']
+
+
 @pytest.mark.parametrize('docs, match', [
     ([], 'empty'),
     ([{'docno': 'a', 'text': 'x'}], 'at least 2'),
