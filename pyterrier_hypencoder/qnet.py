@@ -260,15 +260,16 @@ class QNets:
             return True
         return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in self.weights + self.biases))
 
-    def _budget(self) -> int:
-        """Elements of one activation tensor in a scoring step."""
+    def step_elements(self) -> int:
+        """Elements of one activation tensor in a scoring step (device- and dtype-dependent); callers that batch
+        their own scoring calls (the graph walk) size them with it too."""
         budget = _SCORE_BUDGET_BYTES.get(self.device.type, _SCORE_BUDGET_BYTES['cpu'])
         return budget // self.weights[0].element_size()
 
     def _score_autograd(self, doc_vectors: torch.Tensor, chunk_size: Optional[int]) -> torch.Tensor:
         n = doc_vectors.shape[0]
         if chunk_size is None:
-            chunk_size = max(1, self._budget() // (len(self) * max(self.spec.vector_dimensions)))
+            chunk_size = max(1, self.step_elements() // (len(self) * max(self.spec.vector_dimensions)))
         if n <= chunk_size:
             return self._forward(doc_vectors)
         out = torch.empty(len(self), n, device=self.device, dtype=self.dtype)
@@ -279,7 +280,7 @@ class QNets:
     def _score_plan(self, n: int, chunk_size: Optional[int]) -> tuple:
         """``(queries per group, documents per chunk)`` for inference steps within the activation budget."""
         width = max(self.spec.vector_dimensions)
-        budget = self._budget()
+        budget = self.step_elements()
         n_queries = len(self)
         if chunk_size is None:
             min_docs = max(1, min(n, _SCORE_MIN_DOCS.get(self.device.type, _SCORE_MIN_DOCS['cpu'])))

@@ -21,8 +21,6 @@ VectorsLike = Union[np.ndarray, torch.Tensor]
 # [n_queries, chunk] scores). QNets.score splits each chunk further so its activations stay bounded; this chunk
 # only amortises the reads and the top-k merge, which is why it can be much larger than one GEMM's worth.
 _CHUNK_BYTES = 1 << 27
-# Elements of one q-net activation tensor in the graph walk's batched scoring (as QNets.score's budget).
-_PAIRS_BUDGET = 1 << 24
 # Bytes of the per-query "seen" bitmaps of one graph-walk group; more queries are walked group by group.
 _SEEN_BYTES = 1 << 28
 
@@ -146,8 +144,9 @@ def _score_padded(qnets: QNets, vectors: VectorsLike, ids: np.ndarray, valid: np
     if m == 0:
         return out
     width = max(qnets.spec.vector_dimensions)
-    cols = max(1, min(m, _PAIRS_BUDGET // width))
-    rows = max(1, _PAIRS_BUDGET // (cols * width))
+    budget = qnets.step_elements()  # the same bound on activations as QNets.score keeps
+    cols = max(1, min(m, budget // width))
+    rows = max(1, budget // (cols * width))
     for r in range(0, n_queries, rows):
         for c in range(0, m, cols):
             block = ids[r:r + rows, c:c + cols]
