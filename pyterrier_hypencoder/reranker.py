@@ -11,7 +11,8 @@ import pyterrier as pt
 import torch
 
 from .qnet import QNets
-from .retriever import _check_positive, _load_index, check_device, check_queries
+from .retriever import _load_index, check_device, check_queries
+from .search import check_int
 
 __all__ = ['HypencoderReranker']
 
@@ -62,7 +63,7 @@ class HypencoderReranker(pt.Transformer):
             ValueError: on a bad parameter or an unavailable device.
             HypencoderIndexError: (a ValueError) when the index is incomplete or corrupt, or does not match the model.
         """
-        _check_positive('batch_size', batch_size)
+        check_int('batch_size', batch_size)
         self.device = check_device(device)
         self.model = model
         self.index = _load_index(index) if index is not None else None

@@ -10,7 +10,7 @@ import pyterrier as pt
 import torch
 
 from .model import default_device
-from .search import exhaustive_search, graph_search, place_vectors
+from .search import check_int, exhaustive_search, graph_search, place_vectors
 
 __all__ = ['HypencoderRetriever']
 
@@ -24,11 +24,6 @@ def _load_index(index):
     if isinstance(index, (str, bytes)) or hasattr(index, '__fspath__'):
         return HypencoderIndex(index)
     raise TypeError(f'index must be a HypencoderIndex or the path of one; got {type(index).__name__}')
-
-
-def _check_positive(name: str, value, low: int = 1) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f'{name} must be an integer >= {low}; got {value!r}')
 
 
 def check_queries(inp: pd.DataFrame) -> list:
@@ -113,12 +108,12 @@ class HypencoderRetriever(pt.Transformer):
         """
         if mode not in _MODES:
             raise ValueError(f'mode must be one of {_MODES}; got {mode!r}')
-        _check_positive('num_results', num_results)
-        _check_positive('n_initial', n_initial)
-        _check_positive('n_candidates', n_candidates)
-        _check_positive('max_iter', max_iter, 0)
-        _check_positive('seed', seed, 0)
-        _check_positive('batch_size', batch_size)
+        check_int('num_results', num_results)
+        check_int('n_initial', n_initial)
+        check_int('n_candidates', n_candidates)
+        check_int('max_iter', max_iter, 0)
+        check_int('seed', seed, 0)
+        check_int('batch_size', batch_size)
         if not isinstance(early_stopping, (bool, np.bool_)):
             raise ValueError(f'early_stopping must be True or False; got {early_stopping!r}')
         self.device = check_device(device)

@@ -25,9 +25,10 @@ _CHUNK_BYTES = 1 << 27
 _SEEN_BYTES = 1 << 28
 
 
-def _check_k(k: int) -> None:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ValueError(f'k (the number of results) must be a positive integer; got {k!r}')
+def check_int(name: str, value, low: int = 1) -> None:
+    """Raises a ValueError naming ``name`` unless ``value`` is an integer (not a bool) of at least ``low``."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f'{name} must be an integer >= {low}; got {value!r}')
 
 
 def _check_vectors(qnets: QNets, vectors: VectorsLike) -> int:
@@ -115,7 +116,7 @@ def exhaustive_search(qnets: QNets, vectors: VectorsLike, k: int, *, chunk_size:
     Returns:
         ``(scores, ids)``: float32 ``[Q, min(k, n)]`` scores and int64 row ids, on the CPU, best first.
     """
-    _check_k(k)
+    check_int('k (the number of results)', k)
     n = _check_vectors(qnets, vectors)
     n_queries = len(qnets)
     if chunk_size is None:
@@ -156,10 +157,10 @@ def _score_padded(qnets: QNets, vectors: VectorsLike, ids: np.ndarray, valid: np
 
 
 def _check_walk_args(k, n_initial, n_candidates, max_iter) -> None:
-    _check_k(k)
-    for name, value, low in (('n_initial', n_initial, 1), ('n_candidates', n_candidates, 1), ('max_iter', max_iter, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f'{name} must be an integer >= {low}; got {value!r}')
+    check_int('k (the number of results)', k)
+    check_int('n_initial', n_initial)
+    check_int('n_candidates', n_candidates)
+    check_int('max_iter', max_iter, 0)
 
 
 @torch.no_grad()
