@@ -82,7 +82,7 @@ def test_exhaustive_errors():
     qnets = random_qnets(2, (16, 1))
     x = np.zeros((10, 16), dtype=np.float32)
     for k in (0, -1, 2.5):
-        with pytest.raises(ValueError, match='k'):
+        with pytest.raises(ValueError, match=r'k \(the number of results\) must be an integer >= 1'):
             exhaustive_search(qnets, x, k)
     with pytest.raises(ValueError, match='shape'):
         exhaustive_search(qnets, np.zeros((10, 8), dtype=np.float32), 3)
