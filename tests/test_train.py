@@ -435,8 +435,10 @@ def test_trainer_rejects_bad_options(tiny_bert):
     with_nan.loc[3, 'score'] = float('nan')
     with pytest.raises(ValueError, match='1 missing or infinite teacher scores'):
         Trainer(_hypencoder(tiny_bert), with_nan, _config(loss='distill'), verbose=False)
-    with pytest.raises(ValueError, match='teacher scores'):
+    with pytest.raises(ValueError, match='use_teacher=True but the training data has no score column'):
         Trainer(_hypencoder(tiny_bert), fruit_frame(), _config(loss='distill'), verbose=False)
+    with pytest.raises(ValueError, match='the distill loss needs teacher scores'):  # groups built without them
+        Trainer(_hypencoder(tiny_bert), TrainingGroups(fruit_frame()), _config(loss='distill'), verbose=False)
     with pytest.raises(ValueError, match='exceeds'):
         Trainer(_hypencoder(tiny_bert), fruit_frame(), _config(batch_size=11), verbose=False)
 

@@ -206,14 +206,10 @@ class _Ops:
 
 
 def _pad_states(states: Sequence[torch.Tensor]):
-    width = max(s.shape[0] for s in states)
-    hidden = states[0].shape[1]
-    out = states[0].new_zeros(len(states), width, hidden)
-    mask = torch.zeros(len(states), width, dtype=torch.long, device=states[0].device)
-    for i, s in enumerate(states):
-        out[i, :s.shape[0]] = s
-        mask[i, :s.shape[0]] = 1
-    return out, mask
+    """Token states of different lengths as one zero-padded ``[B, tokens, hidden]`` batch and its attention mask."""
+    lengths = torch.tensor([s.shape[0] for s in states], device=states[0].device)
+    mask = (torch.arange(int(lengths.max()), device=lengths.device) < lengths[:, None]).long()
+    return torch.nn.utils.rnn.pad_sequence(list(states), batch_first=True), mask
 
 
 def _backbone_fingerprint(backbone: torch.nn.Module) -> str:
