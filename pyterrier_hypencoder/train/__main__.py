@@ -7,6 +7,19 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import ir_measures
+import pyterrier as pt
+
+from ..checkpoint import read_json, resolve_folder
+from ..model import Hypencoder
+from . import data as D
+from .biencoder import FORMAT_NAME as DOT_FORMAT
+from .biencoder import DotEncoder
+from .trainer import ModelScorer, TrainConfig, Trainer, exhaustive_retrieve, warm_start_hypencoder
+
+# ``python -m`` imports the package (torch, transformers, pyterrier) before this module anyway, so nothing is
+# gained by importing lazily here.
+
 EPILOG = """
 examples:
   # head-only Hypencoder on SciFact (BM25 negatives, 20% of the training queries held out as dev), on a CPU
@@ -116,11 +129,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args):
-    from pyterrier_hypencoder import Hypencoder
-    from pyterrier_hypencoder.checkpoint import read_json, resolve_folder
-
-    from .biencoder import FORMAT_NAME as DOT_FORMAT
-    from .biencoder import DotEncoder
     if args.init:
         folder = resolve_folder(args.init)
         if DOT_FORMAT in read_json(folder / 'config.json'):
@@ -133,7 +141,6 @@ def _load_model(args):
     if args.normalize:
         raise SystemExit('--normalize applies to --head dot only')
     if args.warm_start:
-        from .trainer import warm_start_hypencoder
         return warm_start_hypencoder(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
                                      query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
                                      seed=args.seed, device=args.device)
@@ -145,8 +152,6 @@ def _load_model(args):
 def _teacher(args):
     if args.teacher == 'none':
         return None
-    from .biencoder import DotEncoder
-    from .trainer import ModelScorer
     if args.teacher == 'backbone':
         if not args.backbone:
             raise SystemExit('--teacher backbone needs --backbone')
@@ -158,10 +163,7 @@ def _teacher(args):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    import pyterrier as pt  # noqa: F401  (imported after argument parsing, so --help stays fast)
 
-    from . import data as D
-    from .trainer import TrainConfig, Trainer, exhaustive_retrieve
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     verbose = not args.quiet
@@ -208,7 +210,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = {'final': str(output / 'final'), 'best_step': trainer.state.best_step,
                f'dev_{args.metric}': trainer.state.best_metric}
     if args.test:
-        import ir_measures
         test = pt.get_dataset(args.test)
         topics = D.dataset_topics(test, args.topics_variant)
         docs = D.dataset_docs(test, args.fields, verbose=verbose)
