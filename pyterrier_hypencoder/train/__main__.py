@@ -217,9 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             model.encode_docs(docs['text'].tolist(), verbose=verbose)
         run = exhaustive_retrieve(model, topics, vectors, docs['docno'].tolist())
         measures = [ir_measures.parse_measure(m) for m in args.test_metrics]
-        qrels = test.get_qrels().rename(columns={'qid': 'query_id', 'docno': 'doc_id', 'label': 'relevance'})
-        scores = ir_measures.calc_aggregate(measures, qrels, run.rename(columns={'qid': 'query_id', 'docno': 'doc_id'}))
-        summary['test'] = {str(m): float(scores[m]) for m in measures}
+        summary['test'] = {name: float(v) for name, v in pt.Evaluate(run, test.get_qrels(), measures).items()}
     print(json.dumps(summary, indent=1))
     return 0
 

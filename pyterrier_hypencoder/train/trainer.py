@@ -518,9 +518,7 @@ class ModelScorer(pt.Transformer):
 def _evaluate_run(run: pd.DataFrame, qrels: pd.DataFrame, metric: str) -> float:
     import ir_measures
     measure = ir_measures.parse_measure(metric)
-    qrels = qrels.rename(columns={'qid': 'query_id', 'docno': 'doc_id', 'label': 'relevance'})
-    run = run.rename(columns={'qid': 'query_id', 'docno': 'doc_id'})[['query_id', 'doc_id', 'score']]
-    return float(ir_measures.calc_aggregate([measure], qrels, run)[measure])
+    return float(pt.Evaluate(run, qrels, [measure])[str(measure)])
 
 
 # ---- the trainer --------------------------------------------------------------------------------------------
