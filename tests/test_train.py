@@ -494,3 +494,14 @@ def test_dot_encoder_checks_max_lengths(tiny_bert):
     model.query_max_length = 0
     with pytest.raises(ValueError, match='query_max_length must be >= 1'):
         model.encode_queries(['apple'])
+
+
+def test_cli_evaluates_on_a_test_dataset(tiny_bert, tmp_path, irds_home, capsys):
+    from pyterrier_hypencoder.train.__main__ import main
+    save_frame(fruit_frame(), tmp_path / 'train.jsonl')
+    assert main(['--backbone', str(tiny_bert), '--pooling', 'mean', '--train-data', str(tmp_path / 'train.jsonl'),
+                 '--output', str(tmp_path / 'out'), '--steps', '2', '--batch-size', '5', '--negatives', '3',
+                 '--doc-max-length', '32', '--device', 'cpu', '--quiet', '--test', 'irds:beir/scifact/test']) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary['test']) == {'nDCG@10', 'Rprec', 'R@100'}
+    assert all(0 <= v <= 1 for v in summary['test'].values())
