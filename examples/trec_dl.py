@@ -13,6 +13,7 @@ import pyterrier as pt
 from ir_measures import RR, R, nDCG
 
 from pyterrier_hypencoder import Hypencoder, HypencoderIndex, HypencoderIndexer
+from pyterrier_hypencoder.optional import require
 
 
 def main():
@@ -21,6 +22,8 @@ def main():
     parser.add_argument('--model', default='jfkback/hypencoder.6_layer')
     parser.add_argument('--batch-size', type=int, default=256)
     args = parser.parse_args()
+    # A missing optional package fails here, before any work, naming its install command.
+    require('pyterrier_pisa', 'pyterrier_dr', purpose='examples/trec_dl.py')
     out = Path(args.index_dir)
 
     import pyterrier_dr

