@@ -16,6 +16,8 @@ import pyterrier as pt
 import pyterrier_alpha as pta
 from npids import Lookup
 
+from .optional import require
+
 __all__ = ['HypencoderIndex', 'HypencoderIndexer', 'HypencoderIndexError']
 
 _VEC_FILES = {'float32': 'vecs.f4', 'float16': 'vecs.f2'}
@@ -246,6 +248,7 @@ class HypencoderIndex(pta.Artifact):
         if self.meta['dtype'] != 'float32':
             raise HypencoderIndexError(f'{self.path} stores {self.meta["dtype"]} vectors; FlexIndex reads float32 only '
                                        '(build the index with fp16=False)')
+        require('pyterrier_dr', purpose='HypencoderIndex.flex_index()')
         from pyterrier_dr import FlexIndex
         flex = self.path / 'flex'
         if not (flex / 'pt_meta.json').exists():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_state_dict, read_json, resolve_folder
 from ..model import TextEncoder, _backbone_from_config, _progress, pool
+from ..optional import require
 
 __all__ = ['DotEncoder']
 
@@ -224,10 +225,8 @@ def _dr_biencoder_class():
     global _DR_CLASS
     if _DR_CLASS is not None:
         return _DR_CLASS
-    try:
-        import pyterrier_dr
-    except ImportError as e:
-        raise ImportError('DotEncoder.biencoder() needs pyterrier-dr: pip install pyterrier-dr') from e
+    require('pyterrier_dr', purpose='DotEncoder.biencoder()')
+    import pyterrier_dr
 
     class DotBiEncoder(pyterrier_dr.BiEncoder):
         """A :class:`DotEncoder` as a ``pyterrier_dr.BiEncoder`` (query/doc encoders, text scorer, FlexIndex)."""

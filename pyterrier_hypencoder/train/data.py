@@ -20,6 +20,8 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
+from ..optional import require
+
 __all__ = ['TrainingGroups', 'Batch', 'QuerySampler', 'DevSet', 'build_training_data', 'training_data_from_dataset',
            'dataset_topics', 'dataset_docs', 'pisa_bm25', 'split_topics', 'save_frame', 'load_frame']
 
@@ -67,10 +69,8 @@ def pisa_bm25(docs: Union[pd.DataFrame, Sequence[dict]], path: Union[str, os.Pat
     Raises:
         ImportError: pyterrier-pisa is not installed.
     """
-    try:
-        from pyterrier_pisa import PisaIndex
-    except ImportError as e:
-        raise ImportError('pisa_bm25 needs pyterrier-pisa: pip install pyterrier-pisa') from e
+    require('pyterrier_pisa', purpose='pisa_bm25')
+    from pyterrier_pisa import PisaIndex
     index = PisaIndex(str(path), text_field='text', threads=threads)
     if not index.built():
         records = docs.to_dict('records') if isinstance(docs, pd.DataFrame) else docs
