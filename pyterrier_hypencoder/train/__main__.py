@@ -15,7 +15,8 @@ from ..model import Hypencoder
 from . import data as D
 from .biencoder import FORMAT_NAME as DOT_FORMAT
 from .biencoder import DotEncoder
-from .trainer import ModelScorer, TrainConfig, Trainer, exhaustive_retrieve, warm_start_hypencoder
+from .trainer import ModelScorer, TrainConfig, Trainer, exhaustive_retrieve
+from .warm_start import warm_start_hypencoder
 
 # ``python -m`` imports the package (torch, transformers, pyterrier) before this module anyway, so nothing is
 # gained by importing lazily here.
