@@ -98,6 +98,12 @@ class Experiment:
         probe = warm_start_hypencoder(args.backbone, qnet_layers=args.qnet_layers, **common)
         store = FeatureStore(probe, self.work / 'features', batch_size=64, verbose=not args.quiet)
         texts = corpus['text'].tolist()
+        if args.index:
+            # vectors of a HypencoderIndex built by a Hypencoder on the same backbone: the same mean-pooled vectors
+            from pyterrier_hypencoder import HypencoderIndex
+            index = HypencoderIndex(args.index)
+            index.check_model(probe)
+            store.put('docs', texts, torch.from_numpy(np.array(index.vectors()[index.rows(corpus['docno'].tolist())])))
         self.pooled = store.docs(texts)  # the backbone's mean-pooled vectors (a Hypencoder does not change them)
         self.query_texts = sorted(set(self.data['query']) | set(self.dev.topics['query']) | set(self.test['query']))
         self.states = store.queries(self.query_texts)
@@ -228,6 +234,8 @@ def parse_args(argv=None):
     parser.add_argument('--data', default=str(DATA), help='a BEIR-layout folder with train/dev/test qrels')
     parser.add_argument('--work', default=str(ROOT / 'runs' / 'debian_scaling'), help='outputs and caches go here')
     parser.add_argument('--backbone', default=None, help='encoder folder (default: all-MiniLM-L6-v2)')
+    parser.add_argument('--index', default=None, help='take the document vectors from this HypencoderIndex (built on '
+                        'the same backbone, mean pooling, 256 tokens) instead of encoding the corpus')
     parser.add_argument('--sizes', type=int, nargs='+', default=[1000, 4000, 16000, 43241])
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1], help='the largest size runs every seed')
     parser.add_argument('--steps', type=int, default=2000, help='steps per run, the same for every model and size')
