@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError, backbone_config, load_state_dict, read_
 from .hyperhead import HyperHead
 from .qnet import QNets, QNetSpec
 
-__all__ = ['Hypencoder', 'default_device']
+__all__ = ['Hypencoder', 'default_device', 'load_model']
 
 FORMAT_NAME = 'pyterrier-hypencoder'
 FORMAT_VERSION = 1
@@ -399,6 +399,27 @@ class Hypencoder(TextEncoder):
         for pos, batch in _progress(batches, verbose, len(docs), batch_size, 'encoding documents'):
             out[pos.to(self.device)] = self.doc_vectors(**batch)
         return out
+
+
+def load_model(model, *, device=None, user: str = 'this transformer', docs_only: bool = False):
+    """``model`` itself, or the Hypencoder saved at a folder or hub name (as the transformers take index paths).
+
+    Args:
+        model: a :class:`Hypencoder`, or a folder / hub name for :meth:`Hypencoder.from_pretrained`.
+        device: where a model given by name is loaded (None: cuda when available).
+        user: the class asking, for messages.
+        docs_only: any document encoder will do (``encode_docs`` and ``dim``, e.g. a ``DotEncoder``).
+
+    Raises:
+        TypeError: for anything else, e.g. a transformers model, saying what to pass.
+        CheckpointError: when the folder or hub name holds no loadable Hypencoder.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return Hypencoder.from_pretrained(model, device=device)
+    if isinstance(model, Hypencoder) or (docs_only and hasattr(model, 'encode_docs') and hasattr(model, 'dim')):
+        return model
+    raise TypeError(f'{user} needs a Hypencoder (or the folder or hub name of one, e.g. "jfkback/hypencoder.6_layer"); '
+                    f'got {type(model).__name__}. Load one with Hypencoder.from_pretrained(...)')
 
 
 def length_sorted_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
