@@ -12,7 +12,7 @@ The dataset needs a ``train`` split with topics and qrels and a ``test`` split t
    training never changes them. The trained model retrieves with ``HypencoderRetriever`` in a ``pt.Experiment``
    against BM25.
 
-With ``IR_DATASETS_HOME`` pointing at an offline cache (``bash /work/shared/datasets/offline-cache.sh DIR``) no
+With ``IR_DATASETS_HOME`` pointing at an offline cache (``bash ../shared/datasets/offline-cache.sh DIR``) no
 network is needed.
 """
 import argparse

@@ -1,6 +1,6 @@
 """Head-only training on BEIR SciFact and NFCorpus (train -> test) on a CPU: BM25, MiniLM zero-shot, BE-Base, Hypencoder.
 
-    bash /work/shared/datasets/offline-cache.sh .cache/ir_datasets
+    bash ../shared/datasets/offline-cache.sh .cache/ir_datasets
     IR_DATASETS_HOME=.cache/ir_datasets python examples/train_beir.py
 
 All four systems use the same frozen backbone (all-MiniLM-L6-v2, mean pooling, documents cut at 256 tokens) and the

@@ -81,8 +81,8 @@ class HypencoderIndex(pta.Artifact):
                                        'path, or build the index with HypencoderIndexer(model, path).index(docs).')
         if not meta_path.exists():
             raise HypencoderIndexError(f'no complete Hypencoder index at {self.path} (the folder exists but pt_meta.json '
-                                       'is missing, so it was never built as an index, or its build was interrupted). Build it with '
-                                       'HypencoderIndexer(model, path, overwrite=True).index(docs).')
+                                       'is missing, so it was never built as an index, or its build was interrupted). '
+                                       'Build it with HypencoderIndexer(model, path, overwrite=True).index(docs).')
         try:
             self._stamp = _file_stamp(meta_path)
             meta = json.loads(meta_path.read_text())
@@ -392,7 +392,7 @@ class HypencoderIndexer(pt.Indexer):
                 as the chunk that holds it is read, before it is encoded, and nothing is left on disk.
         """
         if isinstance(docs, pd.DataFrame):
-            docs = _frame_rows(docs)
+            docs = _FrameRows(docs)
         if self.path.exists() and not self.overwrite:
             raise FileExistsError(f'{self.path} already exists; pass overwrite=True to replace it, or choose another path')
         # Everything is written to a hidden sibling and moved into place at the end, so an interrupted run never
@@ -563,16 +563,18 @@ def _is_missing(value) -> bool:
     return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
 
 
-def _frame_rows(frame: pd.DataFrame) -> Iterable[Dict[str, Any]]:
+class _FrameRows:
     """A DataFrame's rows as dicts, as PyTerrier indexers take them (``len`` kept for the progress bar)."""
-    class Rows:
-        def __len__(self):
-            return len(frame)
 
-        def __iter__(self):
-            for start in range(0, len(frame), 4096):  # dicts of one block at a time, not of the whole frame
-                yield from frame.iloc[start:start + 4096].to_dict('records')
-    return Rows()
+    def __init__(self, frame: pd.DataFrame, block: int = 4096):
+        self.frame, self.block = frame, block
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __iter__(self):
+        for start in range(0, len(self.frame), self.block):  # dicts of one block at a time, not of the whole frame
+            yield from self.frame.iloc[start:start + self.block].to_dict('records')
 
 
 def _chunks(it: Iterable, size: int) -> Iterable[list]:
