@@ -395,6 +395,16 @@ class DevSet:
             docs = dataset_docs(dataset, fields)
         return cls(topics, dataset.get_qrels(), docs)
 
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> DevSet:
+        """A dev set from a frame in the training-data format (``qid, query, docno, text, label``, e.g. a file
+        from ``--save-train-data`` of held-out queries): each query ranks every document of the frame."""
+        missing = [c for c in ('qid', 'query', 'docno', 'text', 'label') if c not in frame.columns]
+        if missing:
+            raise ValueError(f'dev data needs columns qid, query, docno, text and label; it lacks {missing}')
+        return cls(frame[['qid', 'query']].drop_duplicates('qid'), frame[['qid', 'docno', 'label']],
+                   frame[['docno', 'text']].drop_duplicates('docno'))
+
 
 def save_frame(frame: pd.DataFrame, path: Union[str, os.PathLike]) -> None:
     """Writes training data as ``.jsonl`` / ``.tsv`` / ``.parquet`` (by extension)."""
@@ -411,7 +421,7 @@ def load_frame(path: Union[str, os.PathLike]) -> pd.DataFrame:
     """Reads training data written by :func:`save_frame` (``.jsonl``, ``.tsv`` or ``.parquet``)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f'training data file {path} does not exist')
+        raise FileNotFoundError(f'data file {path.absolute()} does not exist')
     if path.suffix == '.parquet':
         frame = pd.read_parquet(path)
     elif path.suffix in ('.tsv', '.txt'):
@@ -420,4 +430,4 @@ def load_frame(path: Union[str, os.PathLike]) -> pd.DataFrame:
         frame = pd.read_json(path, lines=True, dtype={'qid': str, 'docno': str})
     else:
         raise ValueError(f'unknown training data format {path.suffix!r}; use .jsonl, .tsv or .parquet')
-    return frame.astype({'qid': str, 'docno': str})
+    return frame.astype({c: str for c in ('qid', 'docno') if c in frame.columns})
