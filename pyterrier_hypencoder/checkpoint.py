@@ -35,12 +35,12 @@ def resolve_folder(name_or_path: str | os.PathLike) -> Path:
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        return path.absolute()  # so that messages name the file, wherever the working directory is
     if path.exists():
-        raise CheckpointError(f'{path} is a file; pass the folder that holds config.json and the weights')
+        raise CheckpointError(f'{path.absolute()} is a file; pass the folder that holds config.json and the weights')
     name = str(name_or_path)
     if name.startswith(('.', '/', '~')) or name.count('/') > 1:
-        raise CheckpointError(f'checkpoint folder {name} does not exist')
+        raise CheckpointError(f'checkpoint folder {path.absolute()} does not exist')
     from huggingface_hub import snapshot_download
     try:
         # Prefer safetensors; fetch a .bin only where a repository has no safetensors file.
@@ -48,8 +48,9 @@ def resolve_folder(name_or_path: str | os.PathLike) -> Path:
         if not any((folder / f).exists() for f in (_WEIGHT_FILES[0], _INDEX_FILES[0])):
             folder = Path(snapshot_download(name, allow_patterns=['*.json', '*.txt', '*.bin', '*.model']))
     except Exception as e:  # the hub client raises many types: offline, missing repo, auth
-        raise CheckpointError(f'{name} is neither a local folder nor a reachable Hugging Face repository '
-                              f'({type(e).__name__}: {e}). Pass a folder path, or go online once to cache it.') from e
+        raise CheckpointError(f'{name} is neither a local folder (there is no {path.absolute()}) nor a reachable Hugging '
+                              f'Face repository ({type(e).__name__}: {e}). Pass a folder path, or go online once to cache '
+                              'it.') from e
     return folder
 
 

@@ -237,7 +237,7 @@ class Hypencoder(TextEncoder):
             raise CheckpointError(f'{folder / "config.json"} is neither a pyterrier-hypencoder nor a released Hypencoder '
                                   'config (no query_encoder_kwargs). To start from a plain encoder use '
                                   'Hypencoder.from_backbone.')
-        model.name_or_path = str(name_or_path)
+        model.name_or_path = str(folder) if Path(name_or_path).expanduser().is_dir() else str(name_or_path)
         if query_max_length is not None:
             model.query_max_length = int(query_max_length)
         if doc_max_length is not None:

@@ -146,6 +146,8 @@ def test_cli_errors_come_before_loading_and_without_traceback(tiny_bert, tmp_pat
         '--normalize applies to --head dot only': base + data + ['--normalize'],
         'nothing to resume': base + data + ['--resume'],
         'metric=': base + data + ['--metric', 'nonsense'],
+        "--test irds:beir/nosuch: Dataset 'irds:beir/nosuch' not found": base + data + ['--test', 'irds:beir/nosuch'],
+        "--test-metrics: 'nDCG10' is not": base + data + ['--test-metrics', 'nDCG10'],
     }
     for message, argv in cases.items():
         assert message in _cli_error(capsys, main, argv), message
@@ -162,3 +164,13 @@ def test_cli_dev_set_from_a_file(tiny_bert, tmp_path, capsys):
     assert summary['best_step'] is not None and 0 <= summary['dev_Rprec'] <= 1
     dev = DevSet.from_frame(frame)
     assert len(dev.topics) == 10 and len(dev.docs) == 10 and len(dev.qrels) == 100
+
+
+def test_pisa_bm25_is_not_reused_for_other_documents(tmp_path):
+    pytest.importorskip('pyterrier_pisa')
+    from pyterrier_hypencoder.train import pisa_bm25
+    docs = pd.DataFrame({'docno': ['a', 'b', 'c'], 'text': ['apple tree', 'banana tree', 'cherry tree']})
+    pisa_bm25(docs, tmp_path / 'bm25.pisa')
+    assert len(pisa_bm25(docs, tmp_path / 'bm25.pisa')(pd.DataFrame({'qid': ['1'], 'query': ['apple']}))) == 1
+    with pytest.raises(ValueError, match='holds a BM25 index of other documents'):
+        pisa_bm25(docs.assign(text=['plum', 'pear', 'peach']), tmp_path / 'bm25.pisa')

@@ -193,6 +193,18 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         check_output(args.output, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, OSError) as e:
         p.error(str(e))
+    # Names of datasets and measures, not only of files: a typo in --test would otherwise surface after training.
+    for option, name in (('--train', args.train), ('--dev', args.dev), ('--test', args.test)):
+        if name:
+            try:
+                pt.get_dataset(name)
+            except KeyError as e:
+                p.error(f'{option} {name}: {e.args[0]}')
+    for measure in args.test_metrics:
+        try:
+            ir_measures.parse_measure(measure)
+        except Exception:  # ir_measures raises several kinds for a bad name
+            p.error(f'--test-metrics: {measure!r} is not an ir_measures measure (e.g. nDCG@10, Rprec, R@100)')
 
 
 def _config(args) -> TrainConfig:

@@ -9,6 +9,7 @@ and samples training batches from them.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -64,17 +65,33 @@ def pisa_bm25(docs: Union[pd.DataFrame, Sequence[dict]], path: Union[str, os.Pat
               threads: int = 1):
     """BM25 from pyterrier-pisa over ``docs`` (``docno, text``), indexing into ``path`` unless already built there.
 
+    An index already at ``path`` is reused only when it was built over the same documents (a fingerprint of the
+    docnos and texts is kept beside it, in ``<path>.corpus``): a reused output folder must not give BM25 over
+    another corpus.
+
     Raises:
         ImportError: pyterrier-pisa is not installed.
+        ValueError: when ``path`` holds a BM25 index of other documents.
     """
     try:
         from pyterrier_pisa import PisaIndex
     except ImportError as e:
         raise ImportError('pisa_bm25 needs pyterrier-pisa: pip install pyterrier-pisa') from e
+    path = Path(path).absolute()
+    records = docs.to_dict('records') if isinstance(docs, pd.DataFrame) else list(docs)
+    digest = hashlib.sha256()
+    for d in records:
+        digest.update(f'{d["docno"]}\t{d["text"]}\n'.encode('utf-8', 'surrogatepass'))
+    stamp = Path(f'{path}.corpus')
     index = PisaIndex(str(path), text_field='text', threads=threads)
-    if not index.built():
-        records = docs.to_dict('records') if isinstance(docs, pd.DataFrame) else docs
+    if index.built():
+        known = stamp.read_text().strip() if stamp.exists() else None
+        if (known is not None and known != digest.hexdigest()) or (known is None and len(index) != len(records)):
+            raise ValueError(f'{path} holds a BM25 index of other documents ({len(index)} documents; these are '
+                             f'{len(records)}); delete it, or give another path')
+    else:
         index.index({'docno': d['docno'], 'text': d['text']} for d in records)
+    stamp.write_text(digest.hexdigest() + '\n')
     return index.bm25(num_results=num_results, threads=threads)
 
 
@@ -409,12 +426,14 @@ class DevSet:
 def save_frame(frame: pd.DataFrame, path: Union[str, os.PathLike]) -> None:
     """Writes training data as ``.jsonl`` / ``.tsv`` / ``.parquet`` (by extension)."""
     path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')  # renamed at the end: an interrupted write leaves no short file
     if path.suffix == '.parquet':
-        frame.to_parquet(path, index=False)
+        frame.to_parquet(tmp, index=False)
     elif path.suffix in ('.tsv', '.txt'):
-        frame.to_csv(path, sep='\t', index=False)
+        frame.to_csv(tmp, sep='\t', index=False)
     else:
-        frame.to_json(path, orient='records', lines=True)
+        frame.to_json(tmp, orient='records', lines=True)
+    os.replace(tmp, path)
 
 
 def load_frame(path: Union[str, os.PathLike]) -> pd.DataFrame:

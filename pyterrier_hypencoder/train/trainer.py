@@ -246,7 +246,7 @@ class FeatureStore:
         """
         self.ops = _Ops(model)
         self.model = model
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_dir = Path(cache_dir).absolute() if cache_dir else None  # unmoved by a later os.chdir
         self.batch_size = batch_size
         self.verbose = verbose
         # documents come from the document backbone where the model has its own (Hypencoder's doc_backbone)
@@ -580,8 +580,7 @@ class Trainer:
         self.output_dir = Path(output_dir).absolute() if output_dir else None
         self.overwrite = overwrite
         self.verbose = verbose
-        self.features = FeatureStore(model, Path(cache_dir).absolute() if cache_dir else None,
-                                     self.config.encode_batch_size, verbose)
+        self.features = FeatureStore(model, cache_dir, self.config.encode_batch_size, verbose)
         self.lr = self.config.lr
         if self.lr is None:
             self.lr = 2e-5 if not self.config.head_only else 3e-5 if self.ops.is_hypencoder else 1e-3
