@@ -54,10 +54,10 @@ class HypencoderIndex(pta.Artifact):
                 path is resolved against the working directory now, so the index (and the retrievers, rerankers
                 and indexers made from it) keep working after an ``os.chdir``.
         """
-        given = Path(os.fspath(path)).expanduser()
+        given = Path(os.fspath(path)).expanduser() if isinstance(path, (str, os.PathLike)) else None
         # Remembered for messages: "does not exist" then names the directory a relative path was taken from.
-        self._cwd = None if given.is_absolute() else os.getcwd()
-        super().__init__(given.absolute())
+        self._cwd = os.getcwd() if given is not None and not given.is_absolute() else None
+        super().__init__(given.absolute() if given is not None else path)  # (not a path: pyterrier's _NoPath)
         self._generation = 0  # bumped by _forget(), so transformers holding this index know to reload
         self._stamp = None
 
@@ -445,10 +445,12 @@ class HypencoderIndexer(pt.Indexer):
 
     def _encoder(self):
         """The model, or a copy of it on ``device`` (the model the user passed is not moved)."""
-        model = self.model
-        if self.device is None or getattr(model, 'device', self.device) == self.device:
+        model, want = self.model, self.device
+        have = getattr(model, 'device', want)
+        # 'cuda' and 'cuda:0' are one device here (default_device keeps the name as given).
+        if want is None or (have.type == want.type and (have.index or 0) == (want.index or 0)):
             return model
-        return copy.deepcopy(model).to(self.device)
+        return copy.deepcopy(model).to(want)
 
     def _encode_into(self, docs, model, fvec, builder, progress) -> int:
         """Checks, encodes and writes the documents chunk by chunk; returns how many there were."""

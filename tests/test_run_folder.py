@@ -91,6 +91,15 @@ def test_resume_with_other_settings_names_them(tiny_bert, tmp_path):
     assert resumed.state.step == 4 and [h['step'] for h in resumed.state.history if 'loss' in h] == [2, 4]
 
 
+def test_resume_from_another_folder_is_a_new_run_here(tiny_bert, tmp_path):
+    _train(tiny_bert, tmp_path / 'a')
+    _train(tiny_bert, tmp_path / 'b')
+    with pytest.raises(FileExistsError, match='already holds a training run'):
+        _train(tiny_bert, tmp_path / 'b', resume=tmp_path / 'a' / 'checkpoint-2', config={'steps': 4})
+    _train(tiny_bert, tmp_path / 'c', resume=tmp_path / 'a' / 'checkpoint-2', config={'steps': 4})
+    assert json.loads((tmp_path / 'c' / 'trainer_state.json').read_text())['step'] == 4
+
+
 def test_resume_without_a_checkpoint_records_nothing(tiny_bert, tmp_path):
     with pytest.raises(FileNotFoundError, match='not a training checkpoint'):
         _train(tiny_bert, tmp_path / 'empty', resume=True)

@@ -163,7 +163,9 @@ def claim(folder: Optional[Path], settings: dict, *, resume_from=None, overwrite
     """
     if resume_from:
         check_resume(folder, settings, resume_from)
-    elif folder is not None:
+    # A run resumed from a checkpoint of another folder is a new run for this one.
+    elsewhere = resume_from and resume_from is not True and Path(resume_from).absolute().parent != folder
+    if (not resume_from or elsewhere) and folder is not None:
         if overwrite:
             for path in run_outputs(folder):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
