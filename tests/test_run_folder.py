@@ -146,6 +146,7 @@ def test_cli_errors_come_before_loading_and_without_traceback(tiny_bert, tmp_pat
     monkeypatch.setattr(Hypencoder, 'from_backbone', lambda *a, **k: pytest.fail('loaded weights before the check'))
     base = ['--backbone', str(tiny_bert), '--output', str(tmp_path / 'out'), '--quiet']
     save_frame(fruit_frame(), tmp_path / 'train.jsonl')
+    (tmp_path / 'train.csv').write_text('qid,query\n')
     data = ['--train-data', str(tmp_path / 'train.jsonl')]
     cases = {
         'no such file': base + ['--train-data', 'missing.jsonl'],
@@ -155,6 +156,8 @@ def test_cli_errors_come_before_loading_and_without_traceback(tiny_bert, tmp_pat
         '--normalize applies to --head dot only': base + data + ['--normalize'],
         'nothing to resume': base + data + ['--resume'],
         'metric=': base + data + ['--metric', 'nonsense'],
+        "train.csv: unknown format '.csv'": base + ['--train-data', str(tmp_path / 'train.csv')],
+        '--save-train-data': base + data + ['--save-train-data', str(tmp_path / 'no' / 'dir' / 'x.jsonl')],
         "--test irds:beir/nosuch: Dataset 'irds:beir/nosuch' not found": base + data + ['--test', 'irds:beir/nosuch'],
         "--test-metrics: 'nDCG10' is not": base + data + ['--test-metrics', 'nDCG10'],
     }
@@ -181,5 +184,5 @@ def test_pisa_bm25_is_not_reused_for_other_documents(tmp_path):
     docs = pd.DataFrame({'docno': ['a', 'b', 'c'], 'text': ['apple tree', 'banana tree', 'cherry tree']})
     pisa_bm25(docs, tmp_path / 'bm25.pisa')
     assert len(pisa_bm25(docs, tmp_path / 'bm25.pisa')(pd.DataFrame({'qid': ['1'], 'query': ['apple']}))) == 1
-    with pytest.raises(ValueError, match='holds a BM25 index of other documents'):
+    with pytest.raises(FileExistsError, match='holds a BM25 index of other documents'):
         pisa_bm25(docs.assign(text=['plum', 'pear', 'peach']), tmp_path / 'bm25.pisa')

@@ -183,9 +183,16 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error('--normalize applies to --head dot only')
     if args.teacher == 'backbone' and not args.backbone:
         p.error('--teacher backbone needs --backbone')
+    formats = ('.jsonl', '.json', '.tsv', '.txt', '.parquet')  # what load_frame reads
     for option, value in (('--train-data', args.train_data), ('--dev-data', args.dev_data)):
         if value and not Path(value).is_file():
             p.error(f'{option} {value}: no such file ({Path(value).absolute()})')
+    for option, value in (('--train-data', args.train_data), ('--dev-data', args.dev_data),
+                          ('--save-train-data', args.save_train_data)):
+        if value and Path(value).suffix not in formats:
+            p.error(f'{option} {value}: unknown format {Path(value).suffix!r}; use one of {", ".join(formats)}')
+    if args.save_train_data and not Path(args.save_train_data).absolute().parent.is_dir():
+        p.error(f'--save-train-data {args.save_train_data}: no folder {Path(args.save_train_data).absolute().parent}')
     for option, value in (('--backbone', args.backbone), ('--init', args.init), ('--teacher', args.teacher)):
         if value and value not in ('none', 'backbone') and _looks_local(value) and not Path(value).expanduser().is_dir():
             p.error(f'{option} {value}: no such folder ({Path(value).expanduser().absolute()})')

@@ -71,7 +71,7 @@ def pisa_bm25(docs: Union[pd.DataFrame, Sequence[dict]], path: Union[str, os.Pat
 
     Raises:
         ImportError: pyterrier-pisa is not installed.
-        ValueError: when ``path`` holds a BM25 index of other documents.
+        FileExistsError: when ``path`` holds a BM25 index of other documents.
     """
     try:
         from pyterrier_pisa import PisaIndex
@@ -87,7 +87,7 @@ def pisa_bm25(docs: Union[pd.DataFrame, Sequence[dict]], path: Union[str, os.Pat
     if index.built():
         known = stamp.read_text().strip() if stamp.exists() else None
         if (known is not None and known != digest.hexdigest()) or (known is None and len(index) != len(records)):
-            raise ValueError(f'{path} holds a BM25 index of other documents ({len(index)} documents; these are '
+            raise FileExistsError(f'{path} holds a BM25 index of other documents ({len(index)} documents; these are '
                              f'{len(records)}); delete it, or give another path')
     else:
         index.index({'docno': d['docno'], 'text': d['text']} for d in records)
