@@ -393,6 +393,8 @@ class HypencoderIndexer(pt.Indexer):
         """
         if isinstance(docs, pd.DataFrame):
             docs = _FrameRows(docs)
+        elif hasattr(docs, 'get_corpus_iter'):
+            raise TypeError(f'index() takes the documents, not a dataset: pass {type(docs).__name__}.get_corpus_iter()')
         if self.path.exists() and not self.overwrite:
             raise FileExistsError(f'{self.path} already exists; pass overwrite=True to replace it, or choose another path')
         # Everything is written to a hidden sibling and moved into place at the end, so an interrupted run never

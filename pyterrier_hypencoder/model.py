@@ -427,8 +427,9 @@ def load_model(model, *, device=None, user: str = 'this transformer', docs_only:
         return Hypencoder.from_pretrained(model, device=device)
     if isinstance(model, Hypencoder) or (docs_only and hasattr(model, 'encode_docs') and hasattr(model, 'dim')):
         return model
+    swapped = ': the model comes first, then the index' if type(model).__name__ == 'HypencoderIndex' else ''
     raise TypeError(f'{user} needs a Hypencoder (or the folder or hub name of one, e.g. "jfkback/hypencoder.6_layer"); '
-                    f'got {type(model).__name__}. Load one with Hypencoder.from_pretrained(...)')
+                    f'got {type(model).__name__}{swapped}. Load one with Hypencoder.from_pretrained(...)')
 
 
 def length_sorted_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,

@@ -99,6 +99,9 @@ def test_bad_models_fail_at_construction(cls, index, tmp_path):
         cls(str(tmp_path / 'no' / 'such' / 'model'), *args)
     with pytest.raises(TypeError, match=f'{cls.__name__} needs a Hypencoder .*got int'):
         cls(42, *args)
+    if cls is not HypencoderIndexer:
+        with pytest.raises(TypeError, match='got HypencoderIndex: the model comes first, then the index'):
+            cls(index, index)
 
 
 # ---- 4: misleading messages ---------------------------------------------------------------------------------------
@@ -119,6 +122,12 @@ def test_index_takes_a_dataframe(tiny_model, index, tmp_path):
     np.testing.assert_allclose(built.vectors(), index.vectors(), atol=1e-6)
     with pytest.raises(TypeError, match="document 0 is a str, not a dict.*or a DataFrame"):
         HypencoderIndexer(tiny_model, tmp_path / 'j', verbose=False).index(['a text', 'another'])
+    class Dataset:  # what pt.get_dataset gives: not its documents
+        def get_corpus_iter(self):
+            return iter(make_docs(3))
+    dataset = Dataset()
+    with pytest.raises(TypeError, match=r'not a dataset: pass Dataset\.get_corpus_iter\(\)'):
+        HypencoderIndexer(tiny_model, tmp_path / 'j', verbose=False).index(dataset)
 
 
 def test_other_pooling_is_named(tiny_model, tiny_bert, index):
