@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, load_state_dict, read_json, resolve_folder
+from ..checkpoint import CheckpointError, load_backbone, load_state_dict, read_json, resolve_folder
 from ..model import TextEncoder, _backbone_from_config, _progress, pool
 from ..optional import require
 
@@ -81,14 +81,14 @@ class DotEncoder(TextEncoder):
     # ---- construction ---------------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, encoder_name_or_path: Union[str, os.PathLike], *, pooling: str = 'cls',
+    def from_backbone(cls, encoder_name_or_path: Union[str, os.PathLike], *, pooling: Optional[str] = None,
                       normalize: bool = False, query_projection: bool = True, query_norm: bool = False,
                       query_max_length: int = 64, doc_max_length: int = 512, device=None, dtype=None) -> DotEncoder:
         """A new bi-encoder on a pretrained encoder (the query projection starts as the identity).
 
         Args:
             encoder_name_or_path: a Hugging Face encoder folder or hub name.
-            pooling: ``cls`` or ``mean``.
+            pooling: ``cls`` or ``mean``; None follows a sentence-transformers model's pooling config, else ``cls``.
             normalize: score by cosine instead of inner product.
             query_projection: add the learned query-side linear map.
             query_norm: standardise the pooled query before the projection (see :class:`DotEncoder`).
@@ -97,9 +97,7 @@ class DotEncoder(TextEncoder):
             device: where to put the model; None means cuda when available.
             dtype: ``fp32`` (default), ``bf16`` or ``fp16``.
         """
-        from transformers import AutoModel, AutoTokenizer
-        backbone = AutoModel.from_pretrained(str(encoder_name_or_path))
-        tokenizer = AutoTokenizer.from_pretrained(str(encoder_name_or_path))
+        backbone, tokenizer, pooling = load_backbone(encoder_name_or_path, pooling)
         model = cls(backbone, tokenizer, pooling=pooling, normalize=normalize, query_projection=query_projection,
                     query_norm=query_norm, query_max_length=query_max_length, doc_max_length=doc_max_length,
                     name_or_path=str(encoder_name_or_path))

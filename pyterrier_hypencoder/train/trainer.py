@@ -31,6 +31,7 @@ from ..qnet import QNets
 from .biencoder import DotEncoder
 from .data import DevSet, QuerySampler, TrainingGroups
 from .losses import distillation_loss, hard_negative_cross_entropy
+from .run_folder import claim, run_settings, write_settings
 
 __all__ = ['FeatureStore', 'ModelScorer', 'TrainConfig', 'Trainer', 'exhaustive_retrieve']
 
@@ -245,7 +246,7 @@ class FeatureStore:
         """
         self.ops = _Ops(model)
         self.model = model
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_dir = Path(cache_dir).absolute() if cache_dir else None  # unmoved by a later os.chdir
         self.batch_size = batch_size
         self.verbose = verbose
         # documents come from the document backbone where the model has its own (Hypencoder's doc_backbone)
@@ -448,16 +449,19 @@ class Trainer:
 
     def __init__(self, model: Model, data: Union[pd.DataFrame, TrainingGroups], config: Optional[TrainConfig] = None, *,
                  dev: Optional[DevSet] = None, output_dir: Optional[Union[str, os.PathLike]] = None,
-                 cache_dir: Optional[Union[str, os.PathLike]] = None, verbose: bool = True):
+                 cache_dir: Optional[Union[str, os.PathLike]] = None, overwrite: bool = False, verbose: bool = True):
         """
         Args:
             model: the model to train (in place).
             data: training data (a frame, see :mod:`pyterrier_hypencoder.train.data`) or prepared groups.
             config: options; defaults to :class:`TrainConfig()`.
             dev: dev queries for periodic evaluation and best-checkpoint selection.
-            output_dir: where checkpoints (``checkpoint-<step>``), the best model (``best``) and
-                ``trainer_state.json`` go; None keeps everything in memory.
+            output_dir: where checkpoints (``checkpoint-<step>``), the best model (``best``), ``run.json`` (the
+                settings) and ``trainer_state.json`` go; None keeps everything in memory. One run per folder: a
+                folder holding a run is refused unless ``overwrite`` or ``train(resume_from=...)`` with the same
+                settings (see :mod:`~pyterrier_hypencoder.train.run_folder`). Relative paths are resolved now.
             cache_dir: where head-only training caches frozen encodings between runs (None: memory only).
+            overwrite: replace a run already in ``output_dir`` (its caches are kept).
             verbose: progress bars.
         """
         self.model = model
@@ -476,7 +480,8 @@ class Trainer:
         if self.config.batch_size > len(self.groups):
             raise ValueError(f'batch_size {self.config.batch_size} exceeds the {len(self.groups)} training queries')
         self.dev = dev
-        self.output_dir = Path(output_dir) if output_dir else None
+        self.output_dir = Path(output_dir).absolute() if output_dir else None
+        self.overwrite = overwrite
         self.verbose = verbose
         self.features = FeatureStore(model, cache_dir, self.config.encode_batch_size, verbose)
         self.lr = self.config.lr
@@ -623,6 +628,7 @@ class Trainer:
         self.model.save_pretrained(tmp)
         torch.save(self._trainer_state(optimizer, scheduler, sampler, negatives), tmp / _STATE_FILE)
         self._write_json(tmp)
+        write_settings(tmp, self._settings)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         old = sorted(self._checkpoints())[:-self.config.keep_checkpoints] if self.config.keep_checkpoints > 0 else []
@@ -679,7 +685,12 @@ class Trainer:
         Args:
             resume_from: a ``checkpoint-<step>`` folder to continue from, or True for the latest one in
                 ``output_dir``. Resuming restores weights, optimizer, schedule and sampling state, so a resumed run
-                continues exactly as an uninterrupted one would.
+                continues exactly as an uninterrupted one would; it must have the settings of the run it continues
+                (``steps`` may grow).
+
+        Raises:
+            FileExistsError: when ``output_dir`` holds another run and neither ``overwrite`` nor ``resume_from``.
+            RunSettingsError: (a ValueError) when resuming a run made with other settings, naming the differences.
 
         Returns:
             The model, holding the best dev weights when a dev set was given (else the final weights).
@@ -694,10 +705,11 @@ class Trainer:
         sampler = QuerySampler(len(self.groups), cfg.seed)
         negatives = torch.Generator().manual_seed(cfg.seed + 1)
         self._best: Optional[Dict[str, torch.Tensor]] = None
+        # Before anything is computed: refuses a folder holding another run, or a resume with other settings.
+        self._settings = run_settings(self.model, cfg, self.groups)
+        claim(self.output_dir, self._settings, resume_from=resume_from, overwrite=self.overwrite)
         if resume_from:
             self._resume(resume_from, optimizer, scheduler, sampler, negatives)
-        if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_features()
         if self.dev is not None and self.state.step == 0 and cfg.eval_every:
             self._log_eval()

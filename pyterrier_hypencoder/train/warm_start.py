@@ -66,7 +66,7 @@ def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_la
                                     query_max_length=query_max_length, doc_max_length=doc_max_length, seed=seed,
                                     device='cpu')
     spec = QNetSpec(vector_dimensions=base.spec.vector_dimensions, residual_on_last=True)
-    model = Hypencoder(base.backbone, base.tokenizer, spec, pooling=pooling, query_max_length=query_max_length,
+    model = Hypencoder(base.backbone, base.tokenizer, spec, pooling=base.pooling, query_max_length=query_max_length,
                        doc_max_length=doc_max_length, name_or_path=str(encoder_name_or_path))
     model.hyperhead.load_state_dict(base.hyperhead.state_dict())
     # Calibrate on a few probe texts: document components scaled to unit spread keep the first block's layer norm
