@@ -298,7 +298,8 @@ def shard_sizes(n: int, n_shards: Optional[int] = None, shard_size: Optional[int
     check_int('shard_size', shard_size, 2)
     sizes = [min(shard_size, n - start) for start in range(0, n, shard_size)]
     if len(sizes) > 1 and sizes[-1] < 2:
-        sizes[-2] += sizes.pop()
+        last = sizes.pop()
+        sizes[-1] += last
     if n_shards is not None and len(sizes) != n_shards:
         raise ValueError(f'{n} documents do not make {n_shards} shards aligned to {align} documents (that gives '
                          f'{len(sizes)}); pass a smaller align (e.g. align=1, giving up bit-identical scores) or fewer shards')
