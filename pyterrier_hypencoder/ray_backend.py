@@ -84,7 +84,7 @@ class RayShards:
 
     def __init__(self, index: ShardedIndexFiles, address: Optional[str], device: torch.device, dtype: torch.dtype, *,
                  num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 3, max_task_retries: int = 3,
-                 graph: bool = False):
+                 start_timeout: float = 600, graph: bool = False):
         """
         Args:
             index: the sharded index (validated by the caller).
@@ -93,27 +93,43 @@ class RayShards:
             num_cpus, num_gpus: resources reserved per actor (its torch threads: ``max(1, int(num_cpus))``).
             max_restarts, max_task_retries: Ray's fault tolerance per actor (restarts of a dead actor, and retries
                 of the calls it was running).
+            start_timeout: seconds to wait for every actor to start (they wait for free resources meanwhile).
             graph: the actors also open their graphs (graph-mode search).
         """
         _init(address)
         self.index = index
         self.max_restarts, self.max_task_retries = max_restarts, max_task_retries
+        self.resources = {'num_cpus': num_cpus, 'num_gpus': num_gpus}
         remote = ray.remote(ShardActor).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                                                 max_task_retries=max_task_retries)
         offsets = index.offsets
         dtype_name = str(dtype).replace('torch.', '')
         self.actors = [remote.remote(str(index.shard_path(i)), i, int(offsets[i]), len(index), dtype_name,
                                      max(1, int(num_cpus)), graph) for i in range(index.n_shards)]
-        self._get([a.ready.remote() for a in self.actors], 'open')
+        try:
+            self._get([a.ready.remote() for a in self.actors], 'open', timeout=start_timeout)
+        except ShardSearchError:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
         return 'ray'
 
-    def _get(self, futures: List, what: str) -> list:
+    def _check_open(self) -> None:
+        if not self.actors:
+            raise ShardSearchError(f'the Ray backend of {self.index.path} was closed; build a new retriever or reranker')
+
+    def _get(self, futures: List, what: str, timeout: Optional[float] = None) -> list:
         out = []
         for i, future in enumerate(futures):
             try:
-                out.append(ray.get(future))
+                out.append(ray.get(future, timeout=timeout))
+            except ray.exceptions.GetTimeoutError:
+                free = ray.available_resources()
+                raise ShardSearchError(f'shard {i} ({self.index.shard_path(i)}): its actor did not start within '
+                                       f'{timeout:.0f} s; the cluster has {free.get("CPU", 0):g} CPUs and '
+                                       f'{free.get("GPU", 0):g} GPUs free for actors asking for '
+                                       f'{self.resources}: lower ray_options num_cpus / num_gpus or add nodes') from None
             except ray.exceptions.RayError as e:
                 cause = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
                 raise ShardSearchError(f'shard {i} ({self.index.shard_path(i)}) could not {what} on Ray after '
@@ -122,12 +138,16 @@ class RayShards:
         return out
 
     def search(self, qnets, k: int, mode: str, walk: Dict[str, Any], block: Optional[int]):
+        self._check_open()
         ref = ray.put(qnets.to('cpu'))  # once per batch, shared by every actor
         parts = self._get([a.search.remote(ref, k, mode, walk, block) for a in self.actors], 'search')
-        return merge_topk([torch.from_numpy(p[0]) for p in parts], [torch.from_numpy(p[1]) for p in parts], k)
+        # copies: arrays from the object store are read-only, and they are only k wide
+        return merge_topk([torch.from_numpy(np.array(p[0])) for p in parts], [torch.from_numpy(np.array(p[1])) for p in parts],
+                          k)
 
     def vectors(self, rows: np.ndarray) -> torch.Tensor:
         """The stored vectors of global ``rows``, fetched from the actors that hold them."""
+        self._check_open()
         shard, local = self.index.locate(rows)
         wanted = [int(i) for i in np.unique(shard)]
         parts = self._get([self.actors[i].vectors.remote(local[shard == i]) for i in wanted], 'fetch vectors')

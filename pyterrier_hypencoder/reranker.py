@@ -111,6 +111,12 @@ class HypencoderReranker(pt.Transformer):
         """The device where documents are scored."""
         return self.device if self.device is not None else self.model.device
 
+    def close(self) -> None:
+        """Releases a sharded index's backend: ends its Ray actors (they also end with the last reference to the
+        transformer). Does nothing for a single index. A closed transformer over a sharded index cannot search."""
+        if self._shards is not None:
+            self._shards.close()
+
     def clear_cache(self) -> None:
         """Forgets the cached q-nets of recent queries (call it after changing the model's weights)."""
         with self._lock:

@@ -141,6 +141,12 @@ class HypencoderRetriever(pt.Transformer):
                      f'early_stopping={self.early_stopping}', f'seed={self.seed}']
         return f'HypencoderRetriever({", ".join(args)})'
 
+    def close(self) -> None:
+        """Releases a sharded index's backend: ends its Ray actors (they also end with the last reference to the
+        transformer). Does nothing for a single index. A closed transformer over a sharded index cannot search."""
+        if self._shards is not None:
+            self._shards.close()
+
     def fuse_rank_cutoff(self, k: int) -> Optional[HypencoderRetriever]:
         """``retriever % k`` as a retriever of ``k`` results, where that gives the same ranking.
 

@@ -256,6 +256,10 @@ class LocalShards:
                               len(self.index)) for i in range(self.index.n_shards)]
         return merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
 
+    def close(self) -> None:
+        """Drops the placed vectors (GPU copies); the next search places them again."""
+        self._vectors = None
+
     def vectors(self, rows: np.ndarray) -> torch.Tensor:
         """The stored vectors of global ``rows``, in that order."""
         shard, local = self.index.locate(rows)
