@@ -311,7 +311,8 @@ def shard_sizes(n: int, n_shards: Optional[int] = None, shard_size: Optional[int
 
 
 def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int] = None, shard_size: Optional[int] = None,
-                sizes: Optional[Sequence[int]] = None, align: int = 4096, overwrite: bool = False, verbose: bool = False):
+                sizes: Optional[Sequence[int]] = None, align: int = 4096, graph: bool = True, overwrite: bool = False,
+                verbose: bool = False):
     """Splits a single index into a sharded one without re-encoding: vectors and docnos are copied by row range.
 
     Each shard's neighbour graph is rebuilt over the shard's own rows (with the source's k and method), not cut
@@ -323,6 +324,7 @@ def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int]
         path: the sharded index folder to create.
         n_shards, shard_size, align: how to cut the rows (see :func:`shard_sizes`).
         sizes: explicit documents per shard, in row order (instead of ``n_shards`` / ``shard_size``).
+        graph: rebuild each shard's graph when the source has one; False gives shards for exhaustive search only.
         overwrite: replace an existing folder at ``path``.
         verbose: show progress of the graph builds.
 
@@ -340,7 +342,7 @@ def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int]
     if sum(sizes) != n or min(sizes) < 2:
         raise ValueError(f'sizes {sizes} must be at least 2 each and add up to the index size {n}')
     smeta, offsets = source.meta, np.concatenate([[0], np.cumsum(sizes)])
-    graph = smeta.get('graph')
+    graph = smeta.get('graph') if graph else None
     with building(Path(path), overwrite) as tmp:
         for i, count in enumerate(sizes):
             folder = tmp / _shard_dirname(i)
