@@ -31,6 +31,7 @@ import torch
 from npids import Lookup
 
 from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, write_graph
+from .optional import require
 from .search import check_int, exhaustive_search, graph_search, merge_topk, place_vectors
 
 __all__ = ['ShardedIndexFiles', 'LocalShards', 'open_shards', 'search_shard', 'shard_sizes', 'split_index']
@@ -277,7 +278,6 @@ def open_shards(index: ShardedIndexFiles, backend: Optional[str], device: torch.
         if ray_options:
             raise ValueError(f'ray_options {sorted(ray_options)} need backend="ray" (or a Ray address)')
         return LocalShards(index, device, dtype)
-    from .optional import require
     require('ray', purpose=f'backend={backend!r}')
     from .ray_backend import RayShards  # only here, so the package imports without Ray
     return RayShards(index, None if backend == 'ray' else backend, device, dtype, **(ray_options or {}))
@@ -331,10 +331,10 @@ def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int]
     Returns:
         The :class:`~pyterrier_hypencoder.ShardedHypencoderIndex`.
     """
-    from .common import load_index
-    source = load_index(index)
-    if not isinstance(source, HypencoderIndexFiles):
-        raise TypeError(f'split_index splits a single HypencoderIndex; {source.path} is already sharded')
+    if isinstance(index, ShardedIndexFiles):
+        raise TypeError(f'split_index splits a single HypencoderIndex; {index.path} is already sharded')
+    # a path to a sharded index fails in HypencoderIndexFiles.meta, naming what the folder holds
+    source = index if isinstance(index, HypencoderIndexFiles) else HypencoderIndexFiles(index)
     n = len(source)
     if sizes is None:
         sizes = shard_sizes(n, n_shards, shard_size, align)

@@ -9,7 +9,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 import pyterrier as pt
 
-from .index import HypencoderIndexer
+from .index import HypencoderIndexer, HypencoderIndexFiles
+from .optional import require
 from .search import check_int
 from .sharded import _shard_dirname, building, write_manifest
 
@@ -89,7 +90,6 @@ class ShardedHypencoderIndexer(pt.Indexer):
                                       **self.indexer_kwargs).index(shard_docs)
                     sizes.append(len(shard_docs))
             else:
-                from .optional import require
                 require('ray', purpose=f'ShardedHypencoderIndexer(backend={self.backend!r})')
                 from .ray_backend import build_shards
                 sizes = build_shards(self.model, shards, tmp, None if self.backend == 'ray' else self.backend,
@@ -98,7 +98,6 @@ class ShardedHypencoderIndexer(pt.Indexer):
                 raise ValueError('the corpus is empty: no documents were given to index')
             folders = [tmp / _shard_dirname(i) for i in range(len(sizes))]
             _check_unique_across(folders)
-            from .index import HypencoderIndexFiles
             write_manifest(tmp, HypencoderIndexFiles(folders[0]).meta, sizes)
         return pt.Artifact.load(str(self.path))
 
@@ -118,7 +117,6 @@ def _shard_lists(docs: Iterable[Dict[str, Any]], size: int) -> Iterator[List[Dic
 
 def _check_unique_across(folders: Sequence[Path], block: int = 1 << 16) -> None:
     """Each shard checks its own docnos; a docno in two shards would make docno -> row ambiguous."""
-    from .index import HypencoderIndexFiles
     shards = [HypencoderIndexFiles(f) for f in folders]
     for j in range(1, len(shards)):
         n = len(shards[j])

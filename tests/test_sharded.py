@@ -271,3 +271,11 @@ def test_sharded_indexer_local_equals_split(tiny_model, plain, tmp_path):
         ShardedHypencoderIndexer(tiny_model, tmp_path / 'e', shard_size=4, neighbors=3)
     assert not (tmp_path / 'dup').exists() and not (tmp_path / 'empty').exists()
     assert not list(tmp_path.glob('.*building*'))
+
+
+def test_package_imports_without_ray():
+    import subprocess
+    import sys
+    code = ('import sys; import pyterrier_hypencoder; from pyterrier_hypencoder import artifacts, common, reranker, '
+            'retriever, sharded, sharded_indexer; assert "ray" not in sys.modules, "ray was imported"')
+    subprocess.run([sys.executable, '-c', code], check=True)
