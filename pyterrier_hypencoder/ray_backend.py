@@ -196,11 +196,19 @@ def build_shards(model, shards: Iterable[list], folder: Path, address: Optional[
                 raise HypencoderIndexError(f'shard {i} ({folder / _shard_dirname(i)}) could not be built on Ray '
                                            f'(after up to {max_retries} retries): {type(cause).__name__}: {cause}') from e
 
-    for i, docs in enumerate(shards):
-        sizes.append(len(docs))
-        pending[task.remote(model_ref, docs, str(folder / _shard_dirname(i)), indexer_kwargs)] = i
-        if len(pending) >= max_pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            collect(done)
-    collect(sorted(pending, key=pending.get))
+    try:
+        for i, docs in enumerate(shards):
+            sizes.append(len(docs))
+            pending[task.remote(model_ref, docs, str(folder / _shard_dirname(i)), indexer_kwargs)] = i
+            if len(pending) >= max_pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                collect(done)
+        collect(sorted(pending, key=pending.get))
+    except BaseException:
+        # The caller deletes the build folder: tasks still running must not write into it again afterwards.
+        for future in pending:
+            ray.cancel(future, force=True)
+        if pending:
+            ray.wait(list(pending), num_returns=len(pending), timeout=60)
+        raise
     return sizes

@@ -275,7 +275,11 @@ def graph_search(qnets: QNets, vectors: VectorsLike, edges: np.ndarray, k: int, 
     parts = [_walk(qnets[s:s + group], vectors, edges, sample, sample_scores[s:s + group], k, n_candidates, max_iter,
                    early_stopping, verbose)
              for s in range(0, len(qnets), group)]
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+    scores, ids, n_scored = (torch.cat([p[i] for p in parts]) for i in range(3))
+    # The results in the total order of exhaustive search (score descending, then row), so tied documents come
+    # out in the same order whichever search found them.
+    scores, ids = merge_topk([scores], [ids], k)
+    return scores, ids, n_scored
 
 
 def _top(scores: torch.Tensor, ids: np.ndarray, k: int) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
