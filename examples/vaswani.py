@@ -4,7 +4,7 @@
     python examples/vaswani.py --model FOLDER       # a trained Hypencoder (from_pretrained / save_pretrained)
 
 Indexes are kept in ``--cache`` (built on the first run). With ``IR_DATASETS_HOME`` pointing at an offline cache
-(``bash /work/shared/datasets/offline-cache.sh DIR``) no network is needed. Besides the experiment, the script
+(``bash ../shared/datasets/offline-cache.sh DIR``) no network is needed. Besides the experiment, the script
 reports for each graph setting its recall@10 against exhaustive search and the share of documents it scored.
 """
 import argparse

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ['CheckpointError', 'resolve_folder', 'read_json', 'load_state_dict', 'backbone_config']
+__all__ = ['CheckpointError', 'resolve_folder', 'read_json', 'load_state_dict', 'backbone_config', 'load_backbone']
 
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 _INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
@@ -35,12 +35,12 @@ def resolve_folder(name_or_path: str | os.PathLike) -> Path:
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        return path.absolute()  # so that messages name the file, wherever the working directory is
     if path.exists():
-        raise CheckpointError(f'{path} is a file; pass the folder that holds config.json and the weights')
+        raise CheckpointError(f'{path.absolute()} is a file; pass the folder that holds config.json and the weights')
     name = str(name_or_path)
     if name.startswith(('.', '/', '~')) or name.count('/') > 1:
-        raise CheckpointError(f'checkpoint folder {name} does not exist')
+        raise CheckpointError(f'checkpoint folder {path.absolute()} does not exist')
     from huggingface_hub import snapshot_download
     try:
         # Prefer safetensors; fetch a .bin only where a repository has no safetensors file.
@@ -48,8 +48,9 @@ def resolve_folder(name_or_path: str | os.PathLike) -> Path:
         if not any((folder / f).exists() for f in (_WEIGHT_FILES[0], _INDEX_FILES[0])):
             folder = Path(snapshot_download(name, allow_patterns=['*.json', '*.txt', '*.bin', '*.model']))
     except Exception as e:  # the hub client raises many types: offline, missing repo, auth
-        raise CheckpointError(f'{name} is neither a local folder nor a reachable Hugging Face repository '
-                              f'({type(e).__name__}: {e}). Pass a folder path, or go online once to cache it.') from e
+        raise CheckpointError(f'{name} is neither a local folder (there is no {path.absolute()}) nor a reachable Hugging '
+                              f'Face repository ({type(e).__name__}: {e}). Pass a folder path, or go online once to cache '
+                              'it.') from e
     return folder
 
 
@@ -126,3 +127,63 @@ def backbone_config(model_name_or_path: str, checkpoint_folder: Optional[Path] =
             return BertConfig()
         raise CheckpointError(f'cannot find the backbone config {model_name_or_path!r} (looked in '
                               f'{", ".join(str(c) for c in candidates)} and on the hub: {e})') from None
+
+
+_OWN_FORMATS = {'pyterrier-hypencoder': 'Hypencoder.from_pretrained', 'pyterrier-hypencoder-dot': 'DotEncoder.from_pretrained',
+                'query_encoder_kwargs': 'Hypencoder.from_pretrained'}
+
+
+def load_backbone(name_or_path: str | os.PathLike, pooling: Optional[str]):
+    """A plain Hugging Face encoder to put a new head on: ``(backbone, tokenizer, pooling)``.
+
+    Args:
+        name_or_path: an encoder folder or hub name.
+        pooling: ``cls`` or ``mean``; None takes the pooling of a sentence-transformers model (its
+            ``modules.json`` / ``1_Pooling/config.json``), else ``cls`` (the paper's).
+
+    Raises:
+        CheckpointError: for a folder that does not exist, a Hypencoder or DotEncoder checkpoint (which would
+            otherwise fail in transformers with "Unrecognized model"), or a pooling this package lacks.
+    """
+    from transformers import AutoModel, AutoTokenizer
+    name = str(name_or_path)
+    folder = Path(name).expanduser()
+    if not folder.is_dir() and (name.startswith(('.', '/', '~')) or name.count('/') > 1):
+        raise CheckpointError(f'encoder folder {folder.absolute()} does not exist')
+    config = _local_file(name, 'config.json')
+    found = [key for key in _OWN_FORMATS if config is not None and key in read_json(config)]
+    if found:
+        raise CheckpointError(f'{name} is a checkpoint of this package (or a released Hypencoder), not a plain encoder: '
+                              f'load it with {_OWN_FORMATS[found[0]]}({name!r}), or start from its backbone')
+    if pooling is None:
+        pooling = _sentence_transformers_pooling(name) or 'cls'
+    return AutoModel.from_pretrained(name), AutoTokenizer.from_pretrained(name), pooling
+
+
+def _local_file(name: str, filename: str) -> Optional[Path]:
+    """``filename`` of a local folder, or of a hub repository's cached (or downloadable) snapshot; None if absent."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder / filename if (folder / filename).exists() else None
+    try:
+        from huggingface_hub import hf_hub_download
+        return Path(hf_hub_download(name, filename))
+    except Exception:  # missing file, offline, unknown repository: transformers reports the latter two itself
+        return None
+
+
+def _sentence_transformers_pooling(name: str) -> Optional[str]:
+    modules = _local_file(name, 'modules.json')
+    if modules is None:
+        return None
+    paths = [m.get('path') for m in read_json(modules) if str(m.get('type', '')).endswith('Pooling')]
+    config = _local_file(name, f'{paths[0]}/config.json') if paths and paths[0] else None
+    if config is None:
+        return None
+    cfg = read_json(config)
+    modes = [key[len('pooling_mode_'):] for key, on in cfg.items() if key.startswith('pooling_mode_') and on is True]
+    modes = [{'cls_token': 'cls', 'mean_tokens': 'mean'}.get(m, m) for m in modes]
+    if modes in (['cls'], ['mean']):
+        return modes[0]
+    raise CheckpointError(f'{name} is a sentence-transformers model pooling by {" + ".join(modes) or "nothing"} ({config}), '
+                          'which this package does not implement; pass pooling="cls" or pooling="mean" explicitly')

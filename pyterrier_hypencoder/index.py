@@ -1,6 +1,7 @@
 """The Hypencoder index: document vectors, docnos and an L2 neighbour graph, stored as a PyTerrier artifact."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import pandas as pd
 import pyterrier as pt
 import pyterrier_alpha as pta
 from npids import Lookup
+
+from .optional import require
 
 __all__ = ['HypencoderIndexFiles', 'HypencoderIndexer', 'HypencoderIndexError', 'write_graph']
 
@@ -46,9 +49,16 @@ class HypencoderIndexFiles(pta.Artifact):
     def __init__(self, path: Union[str, os.PathLike]):
         """
         Args:
-            path: the index folder. It need not exist yet: an unbuilt index can hand out an indexer.
+            path: the index folder. It need not exist yet: an unbuilt index can hand out an indexer. A relative
+                path is resolved against the working directory now, so the index (and the retrievers, rerankers
+                and indexers made from it) keep working after an ``os.chdir``.
         """
-        super().__init__(path)
+        given = Path(os.fspath(path)).expanduser() if isinstance(path, (str, os.PathLike)) else None
+        # Remembered for messages: "does not exist" then names the directory a relative path was taken from.
+        self._cwd = os.getcwd() if given is not None and not given.is_absolute() else None
+        super().__init__(given.absolute() if given is not None else path)  # (not a path: pyterrier's _NoPath)
+        self._generation = 0  # bumped by _forget(), so transformers holding this index know to reload
+        self._stamp = None
 
     def __repr__(self) -> str:
         if not self.built():
@@ -64,11 +74,16 @@ class HypencoderIndexFiles(pta.Artifact):
     def meta(self) -> Dict[str, Any]:
         """The index metadata (model, vec_size, dtype, doc_count, graph); validated against the files on disk."""
         meta_path = self.path / 'pt_meta.json'
+        if not self.path.exists():
+            where = f' (the relative path was taken from the working directory {self._cwd})' if self._cwd else ''
+            raise HypencoderIndexError(f'no Hypencoder index at {self.path}: the folder does not exist{where}. Check the '
+                                       'path, or build the index with HypencoderIndexer(model, path).index(docs).')
         if not meta_path.exists():
-            raise HypencoderIndexError(f'no complete Hypencoder index at {self.path} (pt_meta.json is missing, so it was never '
-                              'built or its build was interrupted). Build it with HypencoderIndexer(model, path, '
-                              'overwrite=True).index(docs).')
+            raise HypencoderIndexError(f'no complete Hypencoder index at {self.path} (the folder exists but pt_meta.json '
+                                       'is missing, so it was never built as an index, or its build was interrupted). '
+                                       'Build it with HypencoderIndexer(model, path, overwrite=True).index(docs).')
         try:
+            self._stamp = _file_stamp(meta_path)
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise HypencoderIndexError(f'{meta_path} is corrupt ({e}); rebuild the index') from None
@@ -125,15 +140,20 @@ class HypencoderIndexFiles(pta.Artifact):
     def docnos(self) -> Lookup:
         """Docno lookup: ``docnos.fwd[rows]`` gives docnos; prefer :meth:`rows` for docno -> row."""
         self.meta  # noqa: B018 -- validates the folder first
+        lookup = None
         try:
             lookup = Lookup(self.path / 'docnos.npids')
             lookup.fwd[[0, len(lookup) - 1]]  # reads the codecs, so a damaged file fails here and not mid-search
         except Exception as e:  # npids raises struct, JSON, index and OS errors on damaged files
+            if lookup is not None:
+                lookup.close()
             raise HypencoderIndexError(f'{self.path / "docnos.npids"} is unreadable ({type(e).__name__}: {e}); the index '
                                        'is corrupt; rebuild it') from None
         if len(lookup) != len(self):
-            raise HypencoderIndexError(f'{self.path / "docnos.npids"} has {len(lookup)} docnos for {len(self)} vectors; '
-                              'the index is corrupt; rebuild it')
+            n = len(lookup)
+            lookup.close()
+            raise HypencoderIndexError(f'{self.path / "docnos.npids"} has {n} docnos for {len(self)} vectors; '
+                                       'the index is corrupt; rebuild it')
         return lookup
 
     def rows(self, docnos: Sequence[str]) -> np.ndarray:
@@ -199,9 +219,10 @@ class HypencoderIndexFiles(pta.Artifact):
         Raises:
             HypencoderIndexError: on a dimension mismatch, or when the model encodes a probe text differently.
         """
+        built_with = self.meta.get('model')
         if model.dim != self.dim:
             raise HypencoderIndexError(f'the model makes {model.dim}-d vectors but the index {self.path} holds {self.dim}-d '
-                              f'vectors (built with {self.meta.get("model")!r}); use the same model for both')
+                                       f'vectors (built with {built_with!r}); use the same model for both')
         probe = self.meta.get('probe')
         if probe is None:
             return
@@ -209,9 +230,18 @@ class HypencoderIndexFiles(pta.Artifact):
         ref = np.asarray(probe, dtype=np.float32)
         # fp16/bf16 encoders differ from fp32 by ~1e-2 relative; a different model differs by O(1).
         if np.linalg.norm(got - ref) > 0.1 * max(np.linalg.norm(ref), 1e-6):
-            raise HypencoderIndexError(f'the index {self.path} was built with {self.meta.get("model")!r}, and this model '
-                              f'({getattr(model, "name_or_path", None)!r}) encodes documents differently; rebuild the '
-                              'index with this model or load the model that built it')
+            # Name what differs: the recorded settings first, as two models of one name (a folder trained again,
+            # or loaded with other options) differ only there or in their weights.
+            differs = [f'{key} {self.meta[key]!r} (the model: {getattr(model, key)!r})'
+                       for key in ('pooling', 'doc_max_length')
+                       if key in self.meta and getattr(model, key, self.meta[key]) != self.meta[key]]
+            name = getattr(model, 'name_or_path', None)
+            how = (f'the index was built with {", ".join(differs)}' if differs else
+                   'the model\'s weights differ from those that built the index' if name == built_with else
+                   f'this model is {name!r}')
+            raise HypencoderIndexError(f'the index {self.path} was built with {built_with!r}, and this model encodes '
+                                       f'documents differently: {how}. Rebuild the index with this model, or load the '
+                                       'model as it was when it built the index')
 
     def indexer(self, model, **kwargs) -> HypencoderIndexer:
         """A :class:`HypencoderIndexer` that builds this index with ``model`` (this object then reads the new one)."""
@@ -223,6 +253,28 @@ class HypencoderIndexFiles(pta.Artifact):
         """Drops the cached metadata, vectors and docnos, e.g. after the folder was rebuilt (overwrite=True)."""
         for name in ('meta', '_vectors', 'docnos'):
             self.__dict__.pop(name, None)
+        self._stamp = None
+        self._generation += 1
+
+    def generation(self) -> int:
+        """A number that changes whenever the index folder was rebuilt since this object read it.
+
+        Transformers holding the index call it before each use and reload what they cached when it changed: an
+        index rebuilt in place (``overwrite=True``, by this or any other process) replaces its files, and the old
+        memory maps would otherwise keep serving the old documents.
+
+        Raises:
+            HypencoderIndexError: when the index folder was deleted (or left incomplete) since it was read.
+        """
+        if self._stamp is not None:
+            try:
+                current = _file_stamp(self.path / 'pt_meta.json')
+            except FileNotFoundError:
+                raise HypencoderIndexError(f'the index {self.path} was deleted (or is being replaced) while in use; '
+                                           'rebuild it, or make a new retriever once it is back') from None
+            if current != self._stamp:
+                self._forget()
+        return self._generation
 
     def flex_index(self, **kwargs):
         """The same vectors as a ``pyterrier_dr.FlexIndex`` (float32 indexes only), e.g. for a dot-product baseline.
@@ -237,6 +289,7 @@ class HypencoderIndexFiles(pta.Artifact):
         if self.meta['dtype'] != 'float32':
             raise HypencoderIndexError(f'{self.path} stores {self.meta["dtype"]} vectors; FlexIndex reads float32 only '
                                        '(build the index with fp16=False)')
+        require('pyterrier_dr', purpose='HypencoderIndex.flex_index()')
         from pyterrier_dr import FlexIndex
         flex = self.path / 'flex'
         if not (flex / 'pt_meta.json').exists():
@@ -265,11 +318,12 @@ class HypencoderIndexer(pt.Indexer):
     def __init__(self, model, path: Union[str, os.PathLike], *, neighbours: Optional[int] = 100,
                  graph: Optional[str] = 'auto', text_field: Union[str, Sequence[str]] = 'text',
                  batch_size: int = 32, chunk_size: int = 1024, fp16: bool = False, overwrite: bool = False,
-                 verbose: bool = True):
+                 device=None, verbose: bool = True):
         """
         Args:
-            model: the :class:`~pyterrier_hypencoder.Hypencoder` that encodes documents.
-            path: the index folder to create.
+            model: the :class:`~pyterrier_hypencoder.Hypencoder` that encodes documents, or its folder or hub
+                name (loaded now, on ``device``).
+            path: the index folder to create (a relative path is resolved against the working directory now).
             neighbours: neighbours per document in the graph (the paper: 100); 0 or None for no graph.
             graph: graph builder (see :func:`~pyterrier_hypencoder.graph.build_knn_graph`): ``auto`` (exact up to a
                 size threshold, then approximate), ``exact``, ``hnsw`` or ``ivf``; None for no graph.
@@ -278,7 +332,13 @@ class HypencoderIndexer(pt.Indexer):
             chunk_size: documents read and written per step (length-sorted within a chunk); bounds memory.
             fp16: store vectors in float16, halving disk and memory.
             overwrite: replace an existing index at ``path`` (and partial folders that killed runs left beside it).
+            device: where documents are encoded (default: the model's device). A model on another device is not
+                moved: a copy on ``device`` encodes, for the duration of :meth:`index`.
             verbose: show progress bars.
+
+        Raises:
+            ValueError: on a bad parameter or an unavailable device.
+            TypeError: when ``model`` is neither a document encoder nor the name of a Hypencoder.
         """
         if neighbours is not None and neighbours < 0:
             raise ValueError(f'neighbours must be >= 0 (0 or None: no graph); got {neighbours}')
@@ -288,8 +348,10 @@ class HypencoderIndexer(pt.Indexer):
         if neighbours and graph is not None and graph not in METHODS:
             # checked here, not after hours of encoding
             raise ValueError(f'graph={graph!r} is not supported: use one of {METHODS}, or None for no graph')
-        self.model = model
-        self.path = Path(path)
+        from .model import default_device, load_model
+        self.device = default_device(device) if device is not None else None
+        self.model = load_model(model, device=device, user='HypencoderIndexer', docs_only=True)
+        self.path = Path(os.fspath(path)).expanduser().absolute()
         self.neighbours = neighbours or 0
         self.graph = graph if self.neighbours else None
         self.text_fields = [text_field] if isinstance(text_field, str) else list(text_field)
@@ -300,6 +362,10 @@ class HypencoderIndexer(pt.Indexer):
         self.verbose = verbose
         self._built_for: Optional[HypencoderIndexFiles] = None  # set by HypencoderIndex.indexer()
 
+    def index_inputs(self) -> List[List[str]]:
+        """The columns :meth:`index` reads (for ``pt.inspect.indexer_inputs``)."""
+        return [['docno'] + self.text_fields]
+
     def __repr__(self) -> str:
         return (f'HypencoderIndexer({str(self.path)!r}, neighbours={self.neighbours}, text_field={self.text_fields}, '
                 f'dtype={self.dtype})')
@@ -308,15 +374,21 @@ class HypencoderIndexer(pt.Indexer):
         """Indexes documents.
 
         Args:
-            docs: dicts with ``docno`` and the text field(s), e.g. ``dataset.get_corpus_iter()``.
+            docs: dicts with ``docno`` and the text field(s), e.g. ``dataset.get_corpus_iter()``, or a DataFrame
+                with those columns.
 
         Returns:
             The built index, as the artifact class registered for it (:class:`pyterrier_hypencoder.HypencoderIndex`).
 
         Raises:
             FileExistsError: when ``path`` exists and ``overwrite`` is False.
-            ValueError: on an empty corpus, a document without docno or text, or duplicate docnos.
+            ValueError: on an empty corpus, a document without docno or text, or duplicate docnos. Each is found
+                as the chunk that holds it is read, before it is encoded, and nothing is left on disk.
         """
+        if isinstance(docs, pd.DataFrame):
+            docs = _FrameRows(docs)
+        elif hasattr(docs, 'get_corpus_iter'):
+            raise TypeError(f'index() takes the documents, not a dataset: pass {type(docs).__name__}.get_corpus_iter()')
         if self.path.exists() and not self.overwrite:
             raise FileExistsError(f'{self.path} already exists; pass overwrite=True to replace it, or choose another path')
         # Everything is written to a hidden sibling and moved into place at the end, so an interrupted run never
@@ -357,10 +429,10 @@ class HypencoderIndexer(pt.Indexer):
         for i, doc in enumerate(chunk):
             parts = []
             for field in self.text_fields:
-                value = doc.get(field)
-                if value is None:
+                if field not in doc:
                     raise ValueError(f'document {start + i} (docno {doc.get("docno")!r}) has no {field!r} field; it '
                                      f'has {sorted(doc)}. Choose the text field(s) with text_field=...')
+                value = doc[field]
                 if _is_missing(value):
                     # str(nan) would index the word "nan" in place of the document.
                     raise ValueError(f'document {start + i} (docno {doc.get("docno")!r}) has a missing {field!r} value '
@@ -369,33 +441,64 @@ class HypencoderIndexer(pt.Indexer):
             texts.append(' '.join(parts))
         return texts
 
+    def _encoder(self):
+        """The model, or a copy of it on ``device`` (the model the user passed is not moved)."""
+        model, want = self.model, self.device
+        have = getattr(model, 'device', want)
+        # 'cuda' and 'cuda:0' are one device here (default_device keeps the name as given).
+        if want is None or (have.type == want.type and (have.index or 0) == (want.index or 0)):
+            return model
+        return copy.deepcopy(model).to(want)
+
+    def _encode_into(self, docs, model, fvec, builder, progress) -> int:
+        """Checks, encodes and writes the documents chunk by chunk; returns how many there were."""
+        import torch
+        count = 0
+        # Every docno seen so far, so a duplicate fails before the chunks after it are encoded (an exact set: about
+        # 100 bytes per document, far less than the vectors; the final check below also catches npids aliasing).
+        seen: Dict[str, int] = {}
+        for chunk in _chunks(docs, self.chunk_size):
+            for i, doc in enumerate(chunk):
+                if not isinstance(doc, dict):
+                    raise TypeError(f'document {count + i} is a {type(doc).__name__}, not a dict: index() takes dicts '
+                                    f'with a "docno" and {self.text_fields} (e.g. dataset.get_corpus_iter()) or a '
+                                    'DataFrame with those columns')
+                docno = doc.get('docno')
+                if _is_missing(docno):
+                    raise ValueError(f'document {count + i} has no docno: each document must be a dict with a '
+                                     f'"docno" and {self.text_fields}; it has {sorted(doc)}')
+                docno = str(docno)
+                if seen.setdefault(docno, count + i) != count + i:
+                    raise ValueError(f'duplicate docno {docno!r} (documents {seen[docno]} and {count + i}); docnos '
+                                     'must be unique in a corpus')
+                builder.add(docno)
+            texts = self._texts(chunk, count)
+            with torch.inference_mode():
+                vecs = model.encode_docs(texts, batch_size=self.batch_size)
+            fvec.write(vecs.float().cpu().numpy().astype(self.dtype).tobytes())
+            count += len(chunk)
+            progress.update(len(chunk))
+        # Checked before the builder closes: npids cannot finish a lookup of fewer than two docnos.
+        if count == 0:
+            raise ValueError('the corpus is empty: no documents were given to index')
+        if count == 1:
+            raise ValueError('a Hypencoder index needs at least 2 documents; score a single document with '
+                             'HypencoderReranker(model) instead')
+        return count
+
     def _build(self, docs: Iterable[Dict[str, Any]], folder: Path) -> Dict[str, Any]:
         import torch
-        model = self.model
-        count = 0
+        model = self._encoder()
         total = len(docs) if hasattr(docs, '__len__') else None
         # Counts encoded documents (not documents read), so the bar moves with the real work.
         progress = pt.tqdm(total=total, desc='indexing', unit='doc', disable=not self.verbose)
-        with open(folder / _VEC_FILES[self.dtype], 'wb') as fvec, Lookup.builder(folder / 'docnos.npids') as builder:
-            for chunk in _chunks(docs, self.chunk_size):
-                for i, doc in enumerate(chunk):
-                    docno = doc.get('docno') if isinstance(doc, dict) else None
-                    if _is_missing(docno):
-                        raise ValueError(f'document {count + i} has no docno: each document must be a dict with a '
-                                         f'"docno" and {self.text_fields}')
-                    builder.add(str(docno))
-                with torch.inference_mode():
-                    vecs = model.encode_docs(self._texts(chunk, count), batch_size=self.batch_size)
-                fvec.write(vecs.float().cpu().numpy().astype(self.dtype).tobytes())
-                count += len(chunk)
-                progress.update(len(chunk))
-            progress.close()
-            # Checked inside the block: npids cannot finish a lookup of fewer than two docnos.
-            if count == 0:
-                raise ValueError('the corpus is empty: no documents were given to index')
-            if count == 1:
-                raise ValueError('a Hypencoder index needs at least 2 documents; score a single document with '
-                                 'HypencoderReranker(model) instead')
+        with open(folder / _VEC_FILES[self.dtype], 'wb') as fvec, Lookup.builder(folder / 'docnos.npids') as builder, \
+                progress:
+            try:
+                count = self._encode_into(docs, model, fvec, builder, progress)
+            except BaseException:
+                builder.fout.close()  # npids' builder closes its file only when the block succeeds
+                raise
         _check_unique_docnos(folder / 'docnos.npids', count)
         vectors = np.memmap(folder / _VEC_FILES[self.dtype], mode='r', dtype=self.dtype, shape=(count, model.dim))
         graph_meta = self._build_graph(vectors, folder) if self.graph else None
@@ -452,6 +555,12 @@ def write_graph(vectors: np.ndarray, folder: Path, neighbours: int, method: str 
     return {'k': k, 'metric': 'l2', 'method': method}
 
 
+def _file_stamp(path: Path) -> tuple:
+    # A rebuilt index is a new folder moved into place, so its pt_meta.json is a new file (inode and mtime).
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _lookup_one(lookup: Lookup, docno: str) -> int:
     try:
         return int(lookup.inv[[docno]][0])
@@ -462,6 +571,20 @@ def _lookup_one(lookup: Lookup, docno: str) -> int:
 def _is_missing(value) -> bool:
     """None, NaN or pd.NA: what a DataFrame holds where a field is missing."""
     return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
+class _FrameRows:
+    """A DataFrame's rows as dicts, as PyTerrier indexers take them (``len`` kept for the progress bar)."""
+
+    def __init__(self, frame: pd.DataFrame, block: int = 4096):
+        self.frame, self.block = frame, block
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __iter__(self):
+        for start in range(0, len(self.frame), self.block):  # dicts of one block at a time, not of the whole frame
+            yield from self.frame.iloc[start:start + self.block].to_dict('records')
 
 
 def _chunks(it: Iterable, size: int) -> Iterable[list]:

@@ -9,11 +9,11 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, backbone_config, load_state_dict, read_json, resolve_folder
+from .checkpoint import CheckpointError, backbone_config, load_backbone, load_state_dict, read_json, resolve_folder
 from .hyperhead import HyperHead
 from .qnet import QNets, QNetSpec
 
-__all__ = ['Hypencoder', 'default_device']
+__all__ = ['Hypencoder', 'default_device', 'load_model']
 
 FORMAT_NAME = 'pyterrier-hypencoder'
 FORMAT_VERSION = 1
@@ -183,7 +183,7 @@ class Hypencoder(TextEncoder):
 
     @classmethod
     def from_backbone(cls, encoder_name_or_path: str, qnet_layers: int = 6, *, qnet_width: Optional[int] = None,
-                      pooling: str = 'cls', query_max_length: int = 64, doc_max_length: int = 512,
+                      pooling: Optional[str] = None, query_max_length: int = 64, doc_max_length: int = 512,
                       seed: int = 0, device=None, dtype: DTypeLike = None) -> Hypencoder:
         """A new Hypencoder on a pretrained encoder, with a freshly initialised hyperhead (for training).
 
@@ -193,18 +193,17 @@ class Hypencoder(TextEncoder):
                 five hidden blocks).
             qnet_width: hidden width of the q-net; must equal the encoder's hidden size when residuals are used
                 (the default, and the paper's architecture).
-            pooling: document pooling, ``cls`` or ``mean``.
+            pooling: document pooling, ``cls`` or ``mean``; None (the default) follows a sentence-transformers
+                model's pooling config (``1_Pooling/config.json``: mean for all-MiniLM-L6-v2), else ``cls``.
             query_max_length: query tokens kept.
             doc_max_length: document tokens kept.
             seed: seed of the hyperhead initialisation.
             device: where to put the model; None means cuda when available.
             dtype: ``fp32`` (default), ``bf16`` or ``fp16``.
         """
-        from transformers import AutoModel, AutoTokenizer
         if qnet_layers < 1:
             raise ValueError(f'qnet_layers must be >= 1; got {qnet_layers}')
-        backbone = AutoModel.from_pretrained(str(encoder_name_or_path))
-        tokenizer = AutoTokenizer.from_pretrained(str(encoder_name_or_path))
+        backbone, tokenizer, pooling = load_backbone(encoder_name_or_path, pooling)
         hidden = backbone.config.hidden_size
         width = qnet_width or hidden
         spec = QNetSpec(vector_dimensions=(hidden,) + (width,) * (qnet_layers - 1) + (1,))
@@ -238,7 +237,7 @@ class Hypencoder(TextEncoder):
             raise CheckpointError(f'{folder / "config.json"} is neither a pyterrier-hypencoder nor a released Hypencoder '
                                   'config (no query_encoder_kwargs). To start from a plain encoder use '
                                   'Hypencoder.from_backbone.')
-        model.name_or_path = str(name_or_path)
+        model.name_or_path = str(folder) if Path(name_or_path).expanduser().is_dir() else str(name_or_path)
         if query_max_length is not None:
             model.query_max_length = int(query_max_length)
         if doc_max_length is not None:
@@ -343,6 +342,16 @@ class Hypencoder(TextEncoder):
         return (f'Hypencoder({name!r}, qnet={list(self.spec.vector_dimensions)}, pooling={self.pooling!r}, '
                 f'dtype={str(self.dtype).replace("torch.", "")}, device={str(self.device)!r})')
 
+    def query_encoder(self, batch_size: int = 32, verbose: bool = False):
+        """A transformer adding each query's q-net as a ``query_qnet`` column (pyterrier-dr's ``query_encoder``)."""
+        from .encoders import HypencoderQueryEncoder
+        return HypencoderQueryEncoder(self, batch_size=batch_size, verbose=verbose)
+
+    def doc_encoder(self, text_field: str = 'text', batch_size: int = 32, verbose: bool = False):
+        """A transformer adding document vectors as a ``doc_vec`` column (pyterrier-dr's ``doc_encoder``)."""
+        from .encoders import HypencoderDocEncoder
+        return HypencoderDocEncoder(self, text_field=text_field, batch_size=batch_size, verbose=verbose)
+
     # ---- differentiable encoders (used by training) ---------------------------------------------------------
 
     def _backbone_states(self, backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -399,6 +408,28 @@ class Hypencoder(TextEncoder):
         for pos, batch in _progress(batches, verbose, len(docs), batch_size, 'encoding documents'):
             out[pos.to(self.device)] = self.doc_vectors(**batch)
         return out
+
+
+def load_model(model, *, device=None, user: str = 'this transformer', docs_only: bool = False):
+    """``model`` itself, or the Hypencoder saved at a folder or hub name (as the transformers take index paths).
+
+    Args:
+        model: a :class:`Hypencoder`, or a folder / hub name for :meth:`Hypencoder.from_pretrained`.
+        device: where a model given by name is loaded (None: cuda when available).
+        user: the class asking, for messages.
+        docs_only: any document encoder will do (``encode_docs`` and ``dim``, e.g. a ``DotEncoder``).
+
+    Raises:
+        TypeError: for anything else, e.g. a transformers model, saying what to pass.
+        CheckpointError: when the folder or hub name holds no loadable Hypencoder.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return Hypencoder.from_pretrained(model, device=device)
+    if isinstance(model, Hypencoder) or (docs_only and hasattr(model, 'encode_docs') and hasattr(model, 'dim')):
+        return model
+    swapped = ': the model comes first, then the index' if type(model).__name__ == 'HypencoderIndex' else ''
+    raise TypeError(f'{user} needs a Hypencoder (or the folder or hub name of one, e.g. "jfkback/hypencoder.6_layer"); '
+                    f'got {type(model).__name__}{swapped}. Load one with Hypencoder.from_pretrained(...)')
 
 
 def length_sorted_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,

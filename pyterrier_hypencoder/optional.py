@@ -5,9 +5,7 @@ them before any work starts (:func:`require`) spares a user an hour of indexing 
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
-from types import ModuleType
 from typing import Dict, Iterable, Tuple
 
 __all__ = ['OPTIONAL', 'require', 'missing']
@@ -31,20 +29,27 @@ def _install_hint(modules: Iterable[str]) -> str:
             f"or just: pip install {' '.join(dists)})")
 
 
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        return False
+
+
 def missing(*modules: str) -> list:
     """The names among ``modules`` that cannot be imported here (found without importing them)."""
-    return [m for m in modules if importlib.util.find_spec(m) is None]
+    return [m for m in modules if not _findable(m)]
 
 
-def require(*modules: str, purpose: str = 'this') -> ModuleType:
+def require(*modules: str, purpose: str = 'this') -> None:
     """Fails now, naming the install command, unless every module in ``modules`` can be imported.
+
+    Nothing is imported: some packages read settings when imported (pyterrier-pisa imports ir_datasets, which
+    fixes its data folder from ``IR_DATASETS_HOME`` there and then), so checking must not import them early.
 
     Args:
         *modules: top-level module names, e.g. ``'pyterrier_dr'``.
         purpose: what needs them, for the message (e.g. ``'the quick start'``).
-
-    Returns:
-        The first module, imported.
 
     Raises:
         ImportError: listing the missing packages and the command that installs them.
@@ -54,4 +59,3 @@ def require(*modules: str, purpose: str = 'this') -> ModuleType:
         names = ', '.join(OPTIONAL[m][0] if m in OPTIONAL else m for m in absent)
         raise ImportError(f'{purpose} needs {names}, which {"is" if len(absent) == 1 else "are"} not installed. '
                           f'Install with: {_install_hint(absent)}')
-    return importlib.import_module(modules[0])

@@ -11,6 +11,7 @@ import pyterrier as pt
 import torch
 
 from .common import check_backend, check_device, check_queries, load_index
+from .model import load_model
 from .qnet import QNets
 from .search import check_int
 from .sharded import ShardedIndexFiles, open_shards
@@ -53,9 +54,11 @@ class HypencoderReranker(pt.Transformer):
                  ray_options: Optional[Dict[str, Any]] = None, verbose: bool = False):
         """
         Args:
-            model: the :class:`~pyterrier_hypencoder.Hypencoder`.
+            model: the :class:`~pyterrier_hypencoder.Hypencoder`, or its folder or hub name (loaded now, on
+                ``device``).
             index: a :class:`~pyterrier_hypencoder.index.HypencoderIndex` (or its path) holding the documents'
-                vectors; None to encode the ``text_field`` column instead.
+                vectors; None to encode the ``text_field`` column instead. An index rebuilt in place while the
+                reranker exists is checked against the model again at the next call, and its new vectors used.
             text_field: the column with document texts (used without an index).
             batch_size: queries encoded together, and documents per encoder forward pass.
             device: where q-nets score documents (default: the model's device). The model is not moved.
@@ -67,27 +70,36 @@ class HypencoderReranker(pt.Transformer):
 
         Raises:
             ValueError: on a bad parameter or an unavailable device.
+            TypeError: when ``model`` is neither a Hypencoder nor the name of one.
             HypencoderIndexError: (a ValueError) when the index is incomplete or corrupt, or does not match the model.
         """
         check_int('batch_size', batch_size)
         self.device = check_device(device)
-        self.model = model
+        self.model = load_model(model, device=device, user='HypencoderReranker')
         self.index = load_index(index) if index is not None else None
         if self.index is None and (backend is not None or ray_options):
             raise ValueError('backend and ray_options choose where a sharded index is read; this reranker has no index')
+        self._backend = (backend, ray_options)
         self._shards = None
         if self.index is not None:
             check_backend(self.index, backend)
-            if isinstance(self.index, ShardedIndexFiles):
-                self.index.validate()  # every shard opened now: a missing or damaged one fails here
-                self._shards = open_shards(self.index, backend, self.search_device, model.dtype, ray_options)
-            self.index.check_model(model)
-            self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not at the first batch
+            self._check_index()
         self.text_field = text_field
         self.batch_size = batch_size
         self.verbose = verbose
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+
+    def _check_index(self) -> None:
+        self._generation = self.index.generation()
+        if isinstance(self.index, ShardedIndexFiles):
+            self.index.validate()  # every shard opened now: a missing or damaged one fails here
+            if self._shards is not None:
+                self._shards.close()  # a rebuilt sharded index: new shards, new actors
+            backend, ray_options = self._backend
+            self._shards = open_shards(self.index, backend, self.search_device, self.model.dtype, ray_options)
+        self.index.check_model(self.model)
+        self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not at the first batch
 
     def __getstate__(self) -> dict:
         # Locks cannot be pickled or shared with a copy; cached q-nets are cheap to recompute.
@@ -186,12 +198,14 @@ class HypencoderReranker(pt.Transformer):
         self._validate(inp)
         if len(inp) == 0:
             return inp.assign(score=pd.Series(dtype='float64'), rank=pd.Series(dtype='int64'))
+        if self.index is not None and self.index.generation() != self._generation:
+            self._check_index()  # the index was rebuilt: its vectors (read per batch) may come from another model
         inp = inp.reset_index(drop=True)
         query_codes, queries = pd.factorize(pd.Series(check_queries(inp)))
         order = np.argsort(query_codes, kind='stable')  # rows grouped by query, queries in input order
         bounds = np.searchsorted(query_codes[order], np.arange(len(queries) + 1))
         scores = np.empty(len(inp), dtype=np.float64)
-        bar = pt.tqdm(total=len(queries), desc=repr(self), unit='query', disable=not self.verbose)
+        bar = pt.tqdm(total=len(queries), desc='HypencoderReranker', unit='query', disable=not self.verbose)
         with bar, torch.inference_mode():
             for first in range(0, len(queries), self.batch_size):
                 last = min(first + self.batch_size, len(queries))

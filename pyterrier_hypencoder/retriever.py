@@ -10,6 +10,7 @@ import pyterrier as pt
 import torch
 
 from .common import check_backend, check_device, check_queries, load_index
+from .model import load_model
 from .search import check_int, exhaustive_search, graph_search, place_vectors
 from .sharded import ShardedIndexFiles, open_shards
 
@@ -69,8 +70,10 @@ class HypencoderRetriever(pt.Transformer):
                  ray_options: Optional[Dict[str, Any]] = None, score_block: Optional[int] = None, verbose: bool = False):
         """
         Args:
-            model: the :class:`~pyterrier_hypencoder.Hypencoder` that built the index.
-            index: a :class:`~pyterrier_hypencoder.index.HypencoderIndex` or its path.
+            model: the :class:`~pyterrier_hypencoder.Hypencoder` that built the index, or its folder or hub name
+                (loaded now, on ``device``).
+            index: a :class:`~pyterrier_hypencoder.index.HypencoderIndex` or its path (relative paths are resolved
+                against the working directory now).
             num_results: documents per query.
             mode: ``exhaustive`` (exact) or ``graph`` (approximate walk).
             n_initial: graph mode: documents sampled at random to start the walk.
@@ -88,8 +91,12 @@ class HypencoderRetriever(pt.Transformer):
 
         Raises:
             ValueError: on a bad parameter or an unavailable device.
+            TypeError: when ``model`` is neither a Hypencoder nor the name of one.
             HypencoderIndexError: (a ValueError) when the index (or one of its shards) is incomplete or corrupt, or
                 does not match the model.
+
+        An index rebuilt in place while the retriever exists (``overwrite=True``) is noticed at the next query:
+        the retriever checks it against the model again and searches the new documents.
         """
         if mode not in _MODES:
             raise ValueError(f'mode must be one of {_MODES}; got {mode!r}')
@@ -104,25 +111,15 @@ class HypencoderRetriever(pt.Transformer):
         if score_block is not None:
             check_int('score_block', score_block)
         self.device = check_device(device)
-        self.model = model
+        self.model = load_model(model, device=device, user='HypencoderRetriever')
         self.index = load_index(index)
         check_backend(self.index, backend)
-        self._shards = None
-        if isinstance(self.index, ShardedIndexFiles):
-            # every shard opened now: a missing or damaged one fails here, not in the middle of an experiment
-            self.index.validate(graph=mode == 'graph')
-            self.index.check_model(model)
-            self._edges = None
-            options = dict(ray_options or {}, graph=mode == 'graph') if backend not in (None, 'local') else ray_options
-            self._shards = open_shards(self.index, backend, self.search_device, model.dtype, options)
-        else:
-            self.index.check_model(model)
-            self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not after the first search
-            # a memory map, read as the walk needs it; raises, explaining how to build a graph, if there is none
-            self._edges = self.index.graph_edges() if mode == 'graph' else None
         self.score_block = score_block
-        self.num_results = int(num_results)
+        self._backend = (backend, ray_options)
+        self._shards = None
         self.mode = mode
+        self._load_index_files()
+        self.num_results = int(num_results)
         self.n_initial = n_initial
         self.n_candidates = n_candidates
         self.max_iter = max_iter
@@ -130,14 +127,38 @@ class HypencoderRetriever(pt.Transformer):
         self.seed = seed
         self.batch_size = batch_size
         self.verbose = verbose
+
+    def _load_index_files(self) -> None:
+        """Checks the index against the model and opens what searches read; again after a rebuild of the index."""
+        self._generation = self.index.generation()
         self._vectors = None
+        if isinstance(self.index, ShardedIndexFiles):
+            # every shard opened now: a missing or damaged one fails here, not in the middle of an experiment
+            self.index.validate(graph=self.mode == 'graph')
+            self.index.check_model(self.model)
+            self._edges = None
+            if self._shards is not None:
+                self._shards.close()  # a rebuilt sharded index: new shards, new actors
+            backend, ray_options = self._backend
+            if backend not in (None, 'local'):
+                ray_options = dict(ray_options or {}, graph=self.mode == 'graph')
+            self._shards = open_shards(self.index, backend, self.search_device, self.model.dtype, ray_options)
+            return
+        self.index.check_model(self.model)
+        self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not after the first search
+        # a memory map, read as the walk needs it; raises, explaining how to build a graph, if there is none
+        self._edges = self.index.graph_edges() if self.mode == 'graph' else None
 
     def __repr__(self) -> str:
         args = [repr(str(self.index.path)), f'num_results={self.num_results}', f'mode={self.mode!r}']
         if self._shards is not None:
             args.append(f'backend={self._shards!r}, shards={self.index.n_shards}')
         if self.mode == 'graph':
-            args += [f'n_initial={self.n_initial}', f'n_candidates={self.n_candidates}', f'max_iter={self.max_iter}',
+            # The walk samples at most the whole corpus; say so rather than show a sample it never takes.
+            n_docs = len(self.index)
+            n_initial = (f'n_initial={self.n_initial}' if self.n_initial <= n_docs else
+                         f'n_initial={n_docs} (clamped to the corpus from {self.n_initial})')
+            args += [n_initial, f'n_candidates={self.n_candidates}', f'max_iter={self.max_iter}',
                      f'early_stopping={self.early_stopping}', f'seed={self.seed}']
         return f'HypencoderRetriever({", ".join(args)})'
 
@@ -191,8 +212,10 @@ class HypencoderRetriever(pt.Transformer):
             return inp.assign(docno=pd.Series(dtype=str), score=pd.Series(dtype='float64'),
                               rank=pd.Series(dtype='int64'))
         queries = check_queries(inp)
+        if self.index.generation() != self._generation:
+            self._load_index_files()  # the index was rebuilt: never serve the replaced documents
         all_scores, all_ids = [], []
-        bar = pt.tqdm(total=len(queries), desc=repr(self), unit='query', disable=not self.verbose)
+        bar = pt.tqdm(total=len(queries), desc='HypencoderRetriever', unit='query', disable=not self.verbose)
         with bar, torch.inference_mode():
             for start in range(0, len(queries), self.batch_size):
                 batch = queries[start:start + self.batch_size]

@@ -30,7 +30,7 @@ import pyterrier_alpha as pta
 import torch
 from npids import Lookup
 
-from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, write_graph
+from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, _file_stamp, write_graph
 from .optional import require
 from .search import check_int, exhaustive_search, graph_search, merge_topk, place_vectors
 
@@ -50,7 +50,13 @@ class ShardedIndexFiles(pta.Artifact):
     ARTIFACT_PACKAGE_HINT = 'pyterrier-hypencoder'
 
     def __init__(self, path: Union[str, os.PathLike]):
-        super().__init__(path)
+        """
+        Args:
+            path: the sharded index folder (a relative path is resolved against the working directory now).
+        """
+        super().__init__(Path(os.fspath(path)).expanduser().absolute())
+        self._generation = 0
+        self._stamp = None
 
     def __repr__(self) -> str:
         if not self.built():
@@ -71,6 +77,7 @@ class ShardedIndexFiles(pta.Artifact):
             raise HypencoderIndexError(f'no complete sharded Hypencoder index at {self.path} (pt_meta.json is missing, so '
                                        'it was never built or its build was interrupted); build it again')
         try:
+            self._stamp = _file_stamp(meta_path)
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise HypencoderIndexError(f'{meta_path} is corrupt ({e}); rebuild the sharded index') from None
@@ -92,6 +99,25 @@ class ShardedIndexFiles(pta.Artifact):
             raise HypencoderIndexError(f'{meta_path} is corrupt: its shards hold {offset} documents, not doc_count='
                                        f'{meta["doc_count"]}; rebuild the sharded index')
         return meta
+
+    def generation(self) -> int:
+        """A number that changes when the sharded index was rebuilt since it was read (as for a single index).
+
+        Raises:
+            HypencoderIndexError: when the folder was deleted (or left incomplete) since it was read.
+        """
+        if self._stamp is not None:
+            try:
+                current = _file_stamp(self.path / 'pt_meta.json')
+            except FileNotFoundError:
+                raise HypencoderIndexError(f'the sharded index {self.path} was deleted (or is being replaced) while in '
+                                           'use; rebuild it, or make a new retriever once it is back') from None
+            if current != self._stamp:
+                for name in ('meta', '_shards'):
+                    self.__dict__.pop(name, None)
+                self._stamp = None
+                self._generation += 1
+        return self._generation
 
     def __len__(self) -> int:
         return self.meta['doc_count']

@@ -131,8 +131,11 @@ def test_unknown_docnos_are_named(built):
 
 
 def test_unbuilt_and_corrupt_indexes(built, tmp_path):
-    with pytest.raises(HypencoderIndexError, match='never built|interrupted'):
+    with pytest.raises(HypencoderIndexError, match='folder does not exist'):
         len(HypencoderIndex(tmp_path / 'missing'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(HypencoderIndexError, match='folder exists but pt_meta.json is missing, so it was never built'):
+        len(HypencoderIndex(tmp_path / 'empty'))
     index, _ = built
     copy = tmp_path / 'copy'
     import shutil

@@ -257,7 +257,7 @@ def test_missing_columns_are_named(tiny_model, index):
 
 
 def test_reranker_index_argument(tiny_model, index, tmp_path):
-    with pytest.raises(HypencoderIndexError, match='never built'):
+    with pytest.raises(HypencoderIndexError, match='nowhere: the folder does not exist'):
         HypencoderReranker(tiny_model, tmp_path / 'nowhere')
     with pytest.raises(TypeError, match='HypencoderIndex or the path'):
         HypencoderReranker(tiny_model, 42)

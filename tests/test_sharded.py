@@ -279,3 +279,14 @@ def test_package_imports_without_ray():
     code = ('import sys; import pyterrier_hypencoder; from pyterrier_hypencoder import artifacts, common, reranker, '
             'retriever, sharded, sharded_indexer; assert "ray" not in sys.modules, "ray was imported"')
     subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_sharded_index_rebuilt_in_place_is_reloaded(tiny_model, base, tmp_path):
+    path = tmp_path / 'resplit'
+    split_index(base, path, sizes=[24, 24])
+    retriever = HypencoderRetriever(tiny_model, path, num_results=K, score_block=BLOCK)
+    before = retriever(topics(2))
+    split_index(base, path, sizes=[8, 40], overwrite=True)  # new shard folders under the same path
+    after = retriever(topics(2))
+    pd.testing.assert_frame_equal(before, after)
+    assert retriever.index.n_shards == 2 and [s['count'] for s in retriever.index.meta['shards']] == [8, 40]

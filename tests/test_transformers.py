@@ -7,6 +7,7 @@ import pandas as pd
 import pyterrier as pt
 import pytest
 import torch
+from conftest import qnet_fp32_bound
 from ir_measures import R, nDCG
 
 from pyterrier_hypencoder.index import HypencoderIndexer
@@ -44,17 +45,23 @@ def plain_index(tiny_model, vaswani, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def brute(tiny_model, index, vaswani):
-    """Every document's score for every query, [queries, docs], by scoring all stored vectors at once."""
+    """Every document's score for every query, [queries, docs], in float64 from the stored vectors."""
     _, topics, _ = vaswani
-    qnets = tiny_model.encode_queries(topics['query'].tolist())
-    return qnets.score(torch.from_numpy(np.array(index.vectors()))).double().numpy()
+    qnets = tiny_model.encode_queries(topics['query'].tolist()).to(dtype=torch.float64)
+    return qnets.score(torch.from_numpy(np.array(index.vectors(), dtype=np.float64))).numpy()
+
+
+@pytest.fixture(scope='module')
+def bound(tiny_model, brute):
+    """How far the retrievers' fp32 scores may be from ``brute`` (:func:`conftest.qnet_fp32_bound`)."""
+    return qnet_fp32_bound(tiny_model.spec, brute)
 
 
 def as_pairs(frame):
     return dict(zip(zip(frame.qid, frame.docno), frame.score))
 
 
-def test_exhaustive_top1000_equals_brute_force(tiny_model, index, vaswani, brute):
+def test_exhaustive_top1000_equals_brute_force(tiny_model, index, vaswani, brute, bound):
     _, topics, _ = vaswani
     n = len(index)
     res = HypencoderRetriever(tiny_model, index, num_results=1000)(topics)
@@ -67,14 +74,14 @@ def test_exhaustive_top1000_equals_brute_force(tiny_model, index, vaswani, brute
         order = np.argsort(-brute[i], kind='stable')
         assert group['rank'].tolist() == list(range(n))
         assert (np.diff(group.score.to_numpy()) <= 0).all()
-        np.testing.assert_allclose(group.score.to_numpy(), brute[i][order], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(group.score.to_numpy(), brute[i][order], rtol=0, atol=bound)
         # Same documents at each rank, ties within float noise aside.
         want = brute[i][index.rows(group.docno.tolist())]
-        np.testing.assert_allclose(group.score.to_numpy(), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(group.score.to_numpy(), want, rtol=0, atol=bound)
         assert set(group.docno) == set(docnos)
 
 
-def test_exhaustive_top_k_and_input_columns(tiny_model, index, vaswani, brute):
+def test_exhaustive_top_k_and_input_columns(tiny_model, index, vaswani, brute, bound):
     _, topics, _ = vaswani
     topics = topics.assign(extra=range(N_QUERIES))
     res = HypencoderRetriever(tiny_model, str(index.path), num_results=20, batch_size=4)(topics)
@@ -82,10 +89,10 @@ def test_exhaustive_top_k_and_input_columns(tiny_model, index, vaswani, brute):
     assert res.groupby('qid', sort=False).extra.first().tolist() == list(range(N_QUERIES))
     for i, (_, group) in enumerate(res.groupby('qid', sort=False)):
         top = np.sort(brute[i])[::-1][:20]
-        np.testing.assert_allclose(group.score.to_numpy(), top, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(group.score.to_numpy(), top, rtol=0, atol=bound)
 
 
-def test_graph_mode(tiny_model, index, vaswani, brute):
+def test_graph_mode(tiny_model, index, vaswani, brute, bound):
     _, topics, _ = vaswani
     exact = HypencoderRetriever(tiny_model, index, num_results=10)(topics)
     # The defaults sample 10,000 documents: clamped to this corpus, the walk scores everything and is exact.
@@ -96,8 +103,8 @@ def test_graph_mode(tiny_model, index, vaswani, brute):
     assert len(res) == 10 * N_QUERIES and res['rank'].tolist() == list(range(10)) * N_QUERIES
     for i, (_, group) in enumerate(res.groupby('qid', sort=False)):
         # Scores are the documents' true scores, sorted.
-        np.testing.assert_allclose(group.score.to_numpy(), brute[i][index.rows(group.docno.tolist())], rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(group.score.to_numpy(), brute[i][index.rows(group.docno.tolist())], rtol=0,
+                                   atol=bound)
         assert (np.diff(group.score.to_numpy()) <= 0).all()
     assert res.docno.tolist() == small(topics).docno.tolist()  # deterministic
     # Asking for more than the walk scores returns what it scored: unique documents, ranked 0..m-1.

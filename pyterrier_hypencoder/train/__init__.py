@@ -5,6 +5,7 @@
   dev sets.
 - :class:`DotEncoder`: BE-Base, the same backbone with an inner-product head.
 - :class:`Trainer` / :class:`TrainConfig`: head-only (frozen backbone, CPU-friendly) or full fine-tuning.
+- :mod:`~pyterrier_hypencoder.train.warm_start`: Hypencoders that start as MiniLM's cosine or as a trained BE-Base.
 - ``python -m pyterrier_hypencoder.train --help``: the command line.
 """
 from .biencoder import DotEncoder
@@ -22,11 +23,12 @@ from .data import (
     training_data_from_dataset,
 )
 from .losses import distillation_loss, hard_negative_cross_entropy, in_batch_cross_entropy, margin_mse
-from .trainer import FeatureStore, ModelScorer, TrainConfig, Trainer, exhaustive_retrieve, warm_start_hypencoder
+from .trainer import FeatureStore, ModelScorer, TrainConfig, Trainer, exhaustive_retrieve
+from .warm_start import warm_start_from_dot, warm_start_hypencoder
 
 __all__ = [
     'Batch', 'DevSet', 'DotEncoder', 'FeatureStore', 'ModelScorer', 'TrainConfig', 'Trainer', 'TrainingGroups',
     'build_training_data', 'dataset_docs', 'dataset_topics', 'distillation_loss', 'exhaustive_retrieve',
     'hard_negative_cross_entropy', 'in_batch_cross_entropy', 'load_frame', 'margin_mse', 'pisa_bm25', 'save_frame',
-    'split_topics', 'training_data_from_dataset', 'warm_start_hypencoder',
+    'split_topics', 'training_data_from_dataset', 'warm_start_from_dot', 'warm_start_hypencoder',
 ]

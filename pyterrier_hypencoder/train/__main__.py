@@ -4,18 +4,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
 import ir_measures
 import pyterrier as pt
 
-from ..checkpoint import read_json, resolve_folder
+from ..checkpoint import CheckpointError, read_json, resolve_folder
 from ..model import Hypencoder
 from . import data as D
 from .biencoder import FORMAT_NAME as DOT_FORMAT
 from .biencoder import DotEncoder
-from .trainer import ModelScorer, TrainConfig, Trainer, exhaustive_retrieve, warm_start_hypencoder
+from .run_folder import RunSettingsError, check_output, check_resume
+from .trainer import ModelScorer, TrainConfig, Trainer, exhaustive_retrieve
+from .warm_start import warm_start_hypencoder
 
 # ``python -m`` imports the package (torch, transformers, pyterrier) before this module anyway, so nothing is
 # gained by importing lazily here.
@@ -35,7 +38,10 @@ examples:
       --dev irds:beir/nfcorpus/dev --output runs/full
 
 outputs in --output: final/ (the trained model: best dev checkpoint when there is a dev set, else the last),
-best/, checkpoint-<step>/ (resumable; --resume continues the latest), trainer_state.json (losses, dev scores).
+best/, checkpoint-<step>/ (resumable; --resume continues the latest), trainer_state.json (losses, dev scores),
+run.json (the settings). One run per folder: an --output holding a run needs --overwrite (replaces the run, keeps
+the caches features/ and bm25.pisa) or --resume (continues it; refused, naming the differences, when the settings
+differ, except --steps and how often to evaluate, save or log).
 """
 
 
@@ -60,9 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                    help='hypencoder head: start the q-nets at the backbone\'s own cosine similarity instead of the '
                         'paper\'s random initialisation (see warm_start_hypencoder; use with --pooling mean on '
                         'sentence-transformers encoders); recommended for head-only training on small data')
-    m.add_argument('--pooling', choices=['cls', 'mean'], default='cls',
+    m.add_argument('--pooling', choices=['cls', 'mean'],
                    help='document vector pooling; cls is the paper\'s, mean suits sentence-transformers encoders '
-                        '(default: %(default)s)')
+                        '(default: the pooling of a sentence-transformers --backbone, else cls)')
     m.add_argument('--normalize', action='store_true', help='dot head only: cosine instead of inner product')
     m.add_argument('--query-max-length', type=int, default=64, help='query tokens kept (default: %(default)s)')
     m.add_argument('--doc-max-length', type=int, default=512, help='document tokens kept (default: %(default)s)')
@@ -92,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                                                       'irds:beir/nfcorpus/dev')
     dev.add_argument('--dev-fraction', type=float,
                      help='hold out this fraction of the --train queries as the dev set (their corpus is ranked)')
+    dev.add_argument('--dev-data', metavar='FILE',
+                     help='a dev set in the --train-data format (qid, query, docno, text, label): each query ranks '
+                          'all documents of the file')
     v.add_argument('--metric', default='Rprec', help='dev measure to maximise (ir_measures name; default: %(default)s)')
     v.add_argument('--eval-every', type=int, default=0, help='evaluate every N steps (default: only at the end)')
     v.add_argument('--test', metavar='DATASET', help='after training, evaluate the final model on this split')
@@ -122,7 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     out = p.add_argument_group('output')
     out.add_argument('--output', required=True, help='output folder')
     out.add_argument('--save-every', type=int, default=0, help='write a resumable checkpoint every N steps')
-    out.add_argument('--resume', action='store_true', help='continue from the latest checkpoint in --output')
+    out.add_argument('--resume', action='store_true',
+                     help='continue from the latest checkpoint in --output (with the same settings)')
+    out.add_argument('--overwrite', action='store_true',
+                     help='replace a training run already in --output (its caches are kept)')
     out.add_argument('--cache-dir', help='where head-only training caches frozen encodings (default: OUTPUT/features)')
     out.add_argument('--quiet', action='store_true', help='no progress bars')
     return p
@@ -138,8 +150,6 @@ def _load_model(args):
         return DotEncoder.from_backbone(args.backbone, pooling=args.pooling, normalize=args.normalize,
                                         query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
                                         device=args.device)
-    if args.normalize:
-        raise SystemExit('--normalize applies to --head dot only')
     if args.warm_start:
         return warm_start_hypencoder(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
                                      query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
@@ -153,18 +163,86 @@ def _teacher(args):
     if args.teacher == 'none':
         return None
     if args.teacher == 'backbone':
-        if not args.backbone:
-            raise SystemExit('--teacher backbone needs --backbone')
         return ModelScorer(DotEncoder.from_backbone(args.backbone, pooling='mean', normalize=True,
                                                     query_projection=False, query_max_length=args.query_max_length,
                                                     doc_max_length=args.doc_max_length, device=args.device))
     return ModelScorer.from_pretrained(args.teacher, device=args.device)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+def _looks_local(name: str) -> bool:
+    # As resolve_folder tells folders from hub names: 'org/name' may be either, './x', '/x', 'a/b/c' are folders.
+    return Path(name).expanduser().exists() or name.startswith(('.', '/', '~')) or name.count('/') > 1
 
+
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    """Every mistake that can be found from the arguments alone, before weights or data are loaded."""
+    if args.dev_fraction is not None and not args.train:
+        p.error('--dev-fraction needs --train (with --train-data, give a dev set with --dev-data or --dev)')
+    if args.dev_fraction is not None and not 0 < args.dev_fraction < 1:
+        p.error(f'--dev-fraction must be between 0 and 1; got {args.dev_fraction}')
+    if args.normalize and args.head != 'dot':
+        p.error('--normalize applies to --head dot only')
+    if args.teacher == 'backbone' and not args.backbone:
+        p.error('--teacher backbone needs --backbone')
+    formats = ('.jsonl', '.json', '.tsv', '.txt', '.parquet')  # what load_frame reads
+    for option, value in (('--train-data', args.train_data), ('--dev-data', args.dev_data)):
+        if value and not Path(value).is_file():
+            p.error(f'{option} {value}: no such file ({Path(value).absolute()})')
+    for option, value in (('--train-data', args.train_data), ('--dev-data', args.dev_data),
+                          ('--save-train-data', args.save_train_data)):
+        if value and Path(value).suffix not in formats:
+            p.error(f'{option} {value}: unknown format {Path(value).suffix!r}; use one of {", ".join(formats)}')
+    if args.save_train_data and not Path(args.save_train_data).absolute().parent.is_dir():
+        p.error(f'--save-train-data {args.save_train_data}: no folder {Path(args.save_train_data).absolute().parent}')
+    for option, value in (('--backbone', args.backbone), ('--init', args.init), ('--teacher', args.teacher)):
+        if value and value not in ('none', 'backbone') and _looks_local(value) and not Path(value).expanduser().is_dir():
+            p.error(f'{option} {value}: no such folder ({Path(value).expanduser().absolute()})')
+    try:
+        check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
+    # Names of datasets and measures, not only of files: a typo in --test would otherwise surface after training.
+    for option, name in (('--train', args.train), ('--dev', args.dev), ('--test', args.test)):
+        if name:
+            try:
+                pt.get_dataset(name)
+            except KeyError as e:
+                p.error(f'{option} {name}: {e.args[0]}')
+    for measure in args.test_metrics:
+        try:
+            ir_measures.parse_measure(measure)
+        except Exception:  # ir_measures raises several kinds for a bad name
+            p.error(f'--test-metrics: {measure!r} is not an ir_measures measure (e.g. nDCG@10, Rprec, R@100)')
+
+
+def _config(args) -> TrainConfig:
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, num_negatives=args.negatives, lr=args.lr, head_lr=args.head_lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule, grad_clip=args.grad_clip,
+        loss=args.loss, in_batch=not args.no_in_batch, temperature=args.temperature, head_only=not args.full,
+        seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, metric=args.metric,
+        bf16=not args.no_bf16)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    try:
+        config = _config(args)
+    except ValueError as e:  # TrainConfig's checks of the options
+        p.error(str(e))
+    try:
+        return _run(args, config)
+    except (CheckpointError, FileExistsError, FileNotFoundError, RunSettingsError) as e:
+        # Mistakes in what was asked for, found once loading begins: the message says what to do, no traceback.
+        p.exit(2, f'{p.prog}: error: {e}\n')
+
+
+def _run(args, config: TrainConfig) -> int:
     output = Path(args.output)
+    if args.resume:  # the options are compared now; the model and data when training starts
+        check_resume(output, {'config': asdict(config)}, partial=True)
     output.mkdir(parents=True, exist_ok=True)
     verbose = not args.quiet
     model = _load_model(args)
@@ -182,8 +260,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         frame = D.build_training_data(train_topics, qrels, bm25, corpus,
                                       num_candidates=args.candidates, teacher=_teacher(args), verbose=verbose)
     else:
-        if args.dev_fraction:
-            raise SystemExit('--dev-fraction needs --train (use --dev with --train-data)')
         frame = D.load_frame(args.train_data)
         teacher = _teacher(args)
         if teacher is not None:
@@ -193,14 +269,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         D.save_frame(frame, args.save_train_data)
     if args.dev:
         dev = D.DevSet.from_dataset(args.dev, fields=args.fields, topics_variant=args.topics_variant)
+    if args.dev_data:
+        dev = D.DevSet.from_frame(D.load_frame(args.dev_data))
 
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, num_negatives=args.negatives, lr=args.lr, head_lr=args.head_lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule, grad_clip=args.grad_clip,
-        loss=args.loss, in_batch=not args.no_in_batch, temperature=args.temperature, head_only=not args.full,
-        seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, metric=args.metric,
-        bf16=not args.no_bf16)
-    trainer = Trainer(model, frame, config, dev=dev, output_dir=output, verbose=verbose,
+    trainer = Trainer(model, frame, config, dev=dev, output_dir=output, verbose=verbose, overwrite=args.overwrite,
                       cache_dir=args.cache_dir or output / 'features')
     if verbose:
         print(trainer, file=sys.stderr)

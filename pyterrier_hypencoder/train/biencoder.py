@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, load_state_dict, read_json, resolve_folder
+from ..checkpoint import CheckpointError, load_backbone, load_state_dict, read_json, resolve_folder
 from ..model import TextEncoder, _backbone_from_config, _progress, pool
+from ..optional import require
 
 __all__ = ['DotEncoder']
 
@@ -40,8 +41,8 @@ class DotEncoder(TextEncoder):
     """
 
     def __init__(self, backbone: nn.Module, tokenizer, *, pooling: str = 'cls', normalize: bool = False,
-                 query_projection: bool = True, query_max_length: int = 64, doc_max_length: int = 512,
-                 name_or_path: Optional[str] = None):
+                 query_projection: bool = True, query_norm: bool = False, query_max_length: int = 64,
+                 doc_max_length: int = 512, name_or_path: Optional[str] = None):
         """
         Args:
             backbone: a Hugging Face encoder shared by queries and documents.
@@ -50,6 +51,11 @@ class DotEncoder(TextEncoder):
             normalize: L2-normalise both vectors, so scores are cosines.
             query_projection: a learned ``dim x dim`` query-side linear map, initialised to the identity (the
                 trainable part when the backbone is frozen).
+            query_norm: standardise the pooled query (a layer norm without parameters) before the projection:
+                ``score = (P layer_norm(pool(q))) . pool(d)``. With ``normalize=False`` and mean pooling, this is
+                the BE-Base that a q-net expresses exactly, so a Hypencoder can start from it
+                (:func:`~pyterrier_hypencoder.train.warm_start_from_dot`); the standardisation only rescales and
+                centres each query, so it changes the ranking by no more than the centring does.
             query_max_length: query tokens kept, special tokens included.
             doc_max_length: document tokens kept, special tokens included.
             name_or_path: where the model came from.
@@ -61,6 +67,7 @@ class DotEncoder(TextEncoder):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.normalize = bool(normalize)
+        self.query_norm = bool(query_norm)
         self.query_max_length = int(query_max_length)
         self.doc_max_length = int(doc_max_length)
         self.name_or_path = name_or_path
@@ -74,26 +81,25 @@ class DotEncoder(TextEncoder):
     # ---- construction ---------------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, encoder_name_or_path: Union[str, os.PathLike], *, pooling: str = 'cls',
-                      normalize: bool = False, query_projection: bool = True, query_max_length: int = 64,
-                      doc_max_length: int = 512, device=None, dtype=None) -> DotEncoder:
+    def from_backbone(cls, encoder_name_or_path: Union[str, os.PathLike], *, pooling: Optional[str] = None,
+                      normalize: bool = False, query_projection: bool = True, query_norm: bool = False,
+                      query_max_length: int = 64, doc_max_length: int = 512, device=None, dtype=None) -> DotEncoder:
         """A new bi-encoder on a pretrained encoder (the query projection starts as the identity).
 
         Args:
             encoder_name_or_path: a Hugging Face encoder folder or hub name.
-            pooling: ``cls`` or ``mean``.
+            pooling: ``cls`` or ``mean``; None follows a sentence-transformers model's pooling config, else ``cls``.
             normalize: score by cosine instead of inner product.
             query_projection: add the learned query-side linear map.
+            query_norm: standardise the pooled query before the projection (see :class:`DotEncoder`).
             query_max_length: query tokens kept.
             doc_max_length: document tokens kept.
             device: where to put the model; None means cuda when available.
             dtype: ``fp32`` (default), ``bf16`` or ``fp16``.
         """
-        from transformers import AutoModel, AutoTokenizer
-        backbone = AutoModel.from_pretrained(str(encoder_name_or_path))
-        tokenizer = AutoTokenizer.from_pretrained(str(encoder_name_or_path))
+        backbone, tokenizer, pooling = load_backbone(encoder_name_or_path, pooling)
         model = cls(backbone, tokenizer, pooling=pooling, normalize=normalize, query_projection=query_projection,
-                    query_max_length=query_max_length, doc_max_length=doc_max_length,
+                    query_norm=query_norm, query_max_length=query_max_length, doc_max_length=doc_max_length,
                     name_or_path=str(encoder_name_or_path))
         return model._place(device, dtype)
 
@@ -116,8 +122,8 @@ class DotEncoder(TextEncoder):
         backbone = _backbone_from_config(AutoConfig.from_pretrained(str(path / 'backbone')))
         model = cls(backbone, AutoTokenizer.from_pretrained(str(path)), pooling=meta['pooling'],
                     normalize=meta['normalize'], query_projection=meta['query_projection'],
-                    query_max_length=meta['query_max_length'], doc_max_length=meta['doc_max_length'],
-                    name_or_path=str(folder))
+                    query_norm=meta.get('query_norm', False), query_max_length=meta['query_max_length'],
+                    doc_max_length=meta['doc_max_length'], name_or_path=str(folder))
         state = load_state_dict(path)
         own = model.state_dict()
         missing = [k for k in own if k not in state and not k.endswith('position_ids')]
@@ -138,7 +144,8 @@ class DotEncoder(TextEncoder):
         save_file(state, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
         config = {FORMAT_NAME: {
             'format_version': FORMAT_VERSION, 'pooling': self.pooling, 'normalize': self.normalize,
-            'query_projection': self.query_projection is not None, 'query_max_length': self.query_max_length,
+            'query_projection': self.query_projection is not None, 'query_norm': self.query_norm,
+            'query_max_length': self.query_max_length,
             'doc_max_length': self.doc_max_length, 'dim': self.dim,
         }}
         with open(folder / 'config.json', 'w', encoding='utf-8') as f:
@@ -153,13 +160,17 @@ class DotEncoder(TextEncoder):
 
     def __repr__(self) -> str:
         sim = 'cos' if self.normalize else 'dot'
+        norm = ', query_norm=True' if self.query_norm else ''
         return (f'DotEncoder({self.name_or_path!r}, pooling={self.pooling!r}, sim={sim!r}, '
-                f'projection={self.query_projection is not None}, device={str(self.device)!r})')
+                f'projection={self.query_projection is not None}{norm}, device={str(self.device)!r})')
 
     # ---- differentiable encoders ----------------------------------------------------------------------------
 
     def project_queries(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Query vectors from pooled query states: the query projection, then normalisation if enabled."""
+        """Query vectors from pooled query states: standardisation and the projection, then normalisation, as
+        enabled."""
+        if self.query_norm:
+            pooled = F.layer_norm(pooled, (pooled.shape[-1],))  # as the q-net's own layer norm (eps 1e-5)
         if self.query_projection is not None:
             pooled = self.query_projection(pooled)
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
@@ -224,10 +235,8 @@ def _dr_biencoder_class():
     global _DR_CLASS
     if _DR_CLASS is not None:
         return _DR_CLASS
-    try:
-        import pyterrier_dr
-    except ImportError as e:
-        raise ImportError('DotEncoder.biencoder() needs pyterrier-dr: pip install pyterrier-dr') from e
+    require('pyterrier_dr', purpose='DotEncoder.biencoder()')
+    import pyterrier_dr
 
     class DotBiEncoder(pyterrier_dr.BiEncoder):
         """A :class:`DotEncoder` as a ``pyterrier_dr.BiEncoder`` (query/doc encoders, text scorer, FlexIndex)."""

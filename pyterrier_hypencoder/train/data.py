@@ -9,6 +9,7 @@ and samples training batches from them.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 import torch
+
+from ..optional import require
 
 __all__ = ['TrainingGroups', 'Batch', 'QuerySampler', 'DevSet', 'build_training_data', 'training_data_from_dataset',
            'dataset_topics', 'dataset_docs', 'pisa_bm25', 'split_topics', 'save_frame', 'load_frame']
@@ -64,17 +67,31 @@ def pisa_bm25(docs: Union[pd.DataFrame, Sequence[dict]], path: Union[str, os.Pat
               threads: int = 1):
     """BM25 from pyterrier-pisa over ``docs`` (``docno, text``), indexing into ``path`` unless already built there.
 
+    An index already at ``path`` is reused only when it was built over the same documents (a fingerprint of the
+    docnos and texts is kept beside it, in ``<path>.corpus``): a reused output folder must not give BM25 over
+    another corpus.
+
     Raises:
         ImportError: pyterrier-pisa is not installed.
+        FileExistsError: when ``path`` holds a BM25 index of other documents.
     """
-    try:
-        from pyterrier_pisa import PisaIndex
-    except ImportError as e:
-        raise ImportError('pisa_bm25 needs pyterrier-pisa: pip install pyterrier-pisa') from e
+    require('pyterrier_pisa', purpose='pisa_bm25')
+    from pyterrier_pisa import PisaIndex
+    path = Path(path).absolute()
+    records = docs.to_dict('records') if isinstance(docs, pd.DataFrame) else list(docs)
+    digest = hashlib.sha256()
+    for d in records:
+        digest.update(f'{d["docno"]}\t{d["text"]}\n'.encode('utf-8', 'surrogatepass'))
+    stamp = Path(f'{path}.corpus')
     index = PisaIndex(str(path), text_field='text', threads=threads)
-    if not index.built():
-        records = docs.to_dict('records') if isinstance(docs, pd.DataFrame) else docs
+    if index.built():
+        known = stamp.read_text().strip() if stamp.exists() else None
+        if (known is not None and known != digest.hexdigest()) or (known is None and len(index) != len(records)):
+            raise FileExistsError(f'{path} holds a BM25 index of other documents ({len(index)} documents; these are '
+                             f'{len(records)}); delete it, or give another path')
+    else:
         index.index({'docno': d['docno'], 'text': d['text']} for d in records)
+    stamp.write_text(digest.hexdigest() + '\n')
     return index.bm25(num_results=num_results, threads=threads)
 
 
@@ -395,23 +412,35 @@ class DevSet:
             docs = dataset_docs(dataset, fields)
         return cls(topics, dataset.get_qrels(), docs)
 
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> DevSet:
+        """A dev set from a frame in the training-data format (``qid, query, docno, text, label``, e.g. a file
+        from ``--save-train-data`` of held-out queries): each query ranks every document of the frame."""
+        missing = [c for c in ('qid', 'query', 'docno', 'text', 'label') if c not in frame.columns]
+        if missing:
+            raise ValueError(f'dev data needs columns qid, query, docno, text and label; it lacks {missing}')
+        return cls(frame[['qid', 'query']].drop_duplicates('qid'), frame[['qid', 'docno', 'label']],
+                   frame[['docno', 'text']].drop_duplicates('docno'))
+
 
 def save_frame(frame: pd.DataFrame, path: Union[str, os.PathLike]) -> None:
     """Writes training data as ``.jsonl`` / ``.tsv`` / ``.parquet`` (by extension)."""
     path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')  # renamed at the end: an interrupted write leaves no short file
     if path.suffix == '.parquet':
-        frame.to_parquet(path, index=False)
+        frame.to_parquet(tmp, index=False)
     elif path.suffix in ('.tsv', '.txt'):
-        frame.to_csv(path, sep='\t', index=False)
+        frame.to_csv(tmp, sep='\t', index=False)
     else:
-        frame.to_json(path, orient='records', lines=True)
+        frame.to_json(tmp, orient='records', lines=True)
+    os.replace(tmp, path)
 
 
 def load_frame(path: Union[str, os.PathLike]) -> pd.DataFrame:
     """Reads training data written by :func:`save_frame` (``.jsonl``, ``.tsv`` or ``.parquet``)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f'training data file {path} does not exist')
+        raise FileNotFoundError(f'data file {path.absolute()} does not exist')
     if path.suffix == '.parquet':
         frame = pd.read_parquet(path)
     elif path.suffix in ('.tsv', '.txt'):
@@ -420,4 +449,4 @@ def load_frame(path: Union[str, os.PathLike]) -> pd.DataFrame:
         frame = pd.read_json(path, lines=True, dtype={'qid': str, 'docno': str})
     else:
         raise ValueError(f'unknown training data format {path.suffix!r}; use .jsonl, .tsv or .parquet')
-    return frame.astype({'qid': str, 'docno': str})
+    return frame.astype({c: str for c in ('qid', 'docno') if c in frame.columns})

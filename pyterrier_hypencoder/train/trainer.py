@@ -31,8 +31,9 @@ from ..qnet import QNets
 from .biencoder import DotEncoder
 from .data import DevSet, QuerySampler, TrainingGroups
 from .losses import distillation_loss, hard_negative_cross_entropy
+from .run_folder import claim, run_settings, write_settings
 
-__all__ = ['FeatureStore', 'ModelScorer', 'TrainConfig', 'Trainer', 'exhaustive_retrieve', 'warm_start_hypencoder']
+__all__ = ['FeatureStore', 'ModelScorer', 'TrainConfig', 'Trainer', 'exhaustive_retrieve']
 
 Model = Union[Hypencoder, DotEncoder]
 _STATE_FILE = 'trainer_state.pt'
@@ -245,7 +246,7 @@ class FeatureStore:
         """
         self.ops = _Ops(model)
         self.model = model
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_dir = Path(cache_dir).absolute() if cache_dir else None  # unmoved by a later os.chdir
         self.batch_size = batch_size
         self.verbose = verbose
         # documents come from the document backbone where the model has its own (Hypencoder's doc_backbone)
@@ -310,103 +311,6 @@ class FeatureStore:
         """Frozen query token states, one ``[tokens, hidden]`` tensor per query (on the model's device)."""
         states = self._get('queries', texts, lambda todo: self.ops.query_states(todo, self.batch_size, self.verbose))
         return [s.to(self.model.device) for s in states]
-
-
-# ---- initialisation -----------------------------------------------------------------------------------------
-
-_PROBE_TEXTS = (
-    'what causes the seasons on earth',
-    'The mitochondria is the powerhouse of the cell, producing most of its chemical energy.',
-    'Statins lower cholesterol and reduce the risk of heart disease in adults.',
-    'how to bake sourdough bread at home',
-    'The treaty was signed in 1648, ending thirty years of war in central Europe.',
-    'Vitamin D deficiency is common in northern latitudes during winter months.',
-    'best practices for securing a home wireless network',
-    'Protein folding determines the three-dimensional structure and function of enzymes.',
-)
-
-
-def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_layers: int = 2, *, pooling: str = 'mean',
-                          query_max_length: int = 64, doc_max_length: int = 512, temperature: float = 0.05,
-                          seed: int = 0, device=None, dtype=None) -> Hypencoder:
-    """A new Hypencoder whose q-nets start out as the backbone's own similarity, ready for (head-only) training.
-
-    A hyperhead initialised at random, as in the paper, first has to rediscover what the pretrained encoder
-    already knows, which a small training set cannot teach it. This warm start begins from it instead:
-
-    - the first hidden q-net block standardises the document vector (``ReLU(a x + shift)`` passes ``a x``
-      unchanged and the q-net's parameter-free layer norm turns it into ``(x - mean(x)) / std(x)``); further
-      hidden blocks start as the identity (zero generated matrix, residual connection);
-    - the final q-net matrix attends uniformly over the query's token states, and is the standardised mean query
-      state times ``1 / (temperature * dim)``.
-
-    The initial score is then close to ``cos(mean query state, document vector) / temperature``: the zero-shot
-    ranking of a sentence-transformers encoder such as all-MiniLM-L6-v2 with ``pooling='mean'``. Every part stays
-    trainable and receives gradients; training moves away from this start wherever the data says so. All hidden
-    blocks get residual connections (``QNetSpec(residual_on_last=True)``), unlike the released models.
-
-    Args:
-        encoder_name_or_path: a Hugging Face encoder (e.g. all-MiniLM-L6-v2).
-        qnet_layers: q-net depth counted as in the paper (hidden blocks + final matrix); at least 2.
-        pooling: document pooling; ``mean`` matches sentence-transformers encoders.
-        query_max_length: query tokens kept.
-        doc_max_length: document tokens kept.
-        temperature: initial scores are about ``cosine / temperature`` (0.05: the usual contrastive scale).
-        seed: seeds the parts of the head not set here (the attention of the hidden matrices).
-        device: where to put the model; None means cuda when available.
-        dtype: ``fp32`` (default), ``bf16`` or ``fp16``.
-    """
-    from ..qnet import QNetSpec
-    if qnet_layers < 2:
-        raise ValueError(f'the warm start needs a hidden q-net block: qnet_layers >= 2, got {qnet_layers}')
-    base = Hypencoder.from_backbone(encoder_name_or_path, qnet_layers=qnet_layers, pooling=pooling,
-                                    query_max_length=query_max_length, doc_max_length=doc_max_length, seed=seed,
-                                    device='cpu')
-    spec = QNetSpec(vector_dimensions=base.spec.vector_dimensions, residual_on_last=True)
-    model = Hypencoder(base.backbone, base.tokenizer, spec, pooling=pooling, query_max_length=query_max_length,
-                       doc_max_length=doc_max_length, name_or_path=str(encoder_name_or_path))
-    model.hyperhead.load_state_dict(base.hyperhead.state_dict())
-    # Calibrate on a few probe texts: document components scaled to unit spread keep the first block's layer norm
-    # well conditioned, and the shifts keep every ReLU input positive.
-    docs = model.encode_docs(list(_PROBE_TEXTS))
-    enc = model.tokenize(list(_PROBE_TEXTS), query_max_length)
-    with torch.no_grad():
-        states = model.backbone(**enc).last_hidden_state
-    doc_gain = 1.0 / float(docs.std(dim=1).mean().clamp(min=1e-6))
-    shift = 4.0 * max(float(states.abs().max()), float((docs * doc_gain).abs().max()), 1.0)
-    _warm_start(model.hyperhead, 1.0 / (temperature * model.dim), doc_gain, shift)
-    return model._place(device, dtype)
-
-
-@torch.no_grad()
-def _warm_start(head, scale: float, doc_gain: float, shift: float, hidden_bias: float = 1e-2) -> None:
-    spec = head.spec
-    last = len(spec.weight_shapes) - 1
-    if head.model_dim != spec.vector_dimensions[0]:
-        raise ValueError('the warm start needs the q-net input size to equal the backbone hidden size')
-    eye = torch.eye(head.model_dim)
-    for k in range(last):
-        # generated hidden matrix = projection(...) + base = base (the projection starts at zero)
-        head.hyper_base_matrices[k].zero_()
-        head.weight_hyper_projection[k].weight.zero_()
-        head.weight_hyper_projection[k].bias.zero_()
-    for k in range(spec.num_blocks):
-        # a small positive bias keeps the ReLU open; the layer norm of a constant vector is 0, so the block is the
-        # identity while gradients still flow
-        head.hyper_base_vectors[k].fill_(hidden_bias)
-        head.bias_hyper_projection[k].weight.zero_()
-        head.bias_hyper_projection[k].bias.zero_()
-    # first block: ReLU(doc_gain * x + shift) = doc_gain * x + shift, whose layer norm is the standardised x
-    head.hyper_base_matrices[0].copy_(eye.unsqueeze(0) * doc_gain)
-    head.hyper_base_vectors[0].fill_(shift)
-    # final matrix: zero attention query = uniform attention over the query's tokens; values = states + shift pass
-    # the ReLU, the layer norm standardises their mean, and the projection scales it
-    head.weight_query_embeddings[last].zero_()
-    head.value_projections[last].weight.copy_(eye)
-    head.value_projections[last].bias.fill_(shift)
-    head.weight_hyper_projection[last].weight.copy_(eye * scale)
-    head.weight_hyper_projection[last].bias.zero_()
-    head.hyper_base_matrices[last].zero_()
 
 
 # ---- retrieval for evaluation -------------------------------------------------------------------------------
@@ -545,16 +449,19 @@ class Trainer:
 
     def __init__(self, model: Model, data: Union[pd.DataFrame, TrainingGroups], config: Optional[TrainConfig] = None, *,
                  dev: Optional[DevSet] = None, output_dir: Optional[Union[str, os.PathLike]] = None,
-                 cache_dir: Optional[Union[str, os.PathLike]] = None, verbose: bool = True):
+                 cache_dir: Optional[Union[str, os.PathLike]] = None, overwrite: bool = False, verbose: bool = True):
         """
         Args:
             model: the model to train (in place).
             data: training data (a frame, see :mod:`pyterrier_hypencoder.train.data`) or prepared groups.
             config: options; defaults to :class:`TrainConfig()`.
             dev: dev queries for periodic evaluation and best-checkpoint selection.
-            output_dir: where checkpoints (``checkpoint-<step>``), the best model (``best``) and
-                ``trainer_state.json`` go; None keeps everything in memory.
+            output_dir: where checkpoints (``checkpoint-<step>``), the best model (``best``), ``run.json`` (the
+                settings) and ``trainer_state.json`` go; None keeps everything in memory. One run per folder: a
+                folder holding a run is refused unless ``overwrite`` or ``train(resume_from=...)`` with the same
+                settings (see :mod:`~pyterrier_hypencoder.train.run_folder`). Relative paths are resolved now.
             cache_dir: where head-only training caches frozen encodings between runs (None: memory only).
+            overwrite: replace a run already in ``output_dir`` (its caches are kept).
             verbose: progress bars.
         """
         self.model = model
@@ -573,7 +480,8 @@ class Trainer:
         if self.config.batch_size > len(self.groups):
             raise ValueError(f'batch_size {self.config.batch_size} exceeds the {len(self.groups)} training queries')
         self.dev = dev
-        self.output_dir = Path(output_dir) if output_dir else None
+        self.output_dir = Path(output_dir).absolute() if output_dir else None
+        self.overwrite = overwrite
         self.verbose = verbose
         self.features = FeatureStore(model, cache_dir, self.config.encode_batch_size, verbose)
         self.lr = self.config.lr
@@ -720,6 +628,7 @@ class Trainer:
         self.model.save_pretrained(tmp)
         torch.save(self._trainer_state(optimizer, scheduler, sampler, negatives), tmp / _STATE_FILE)
         self._write_json(tmp)
+        write_settings(tmp, self._settings)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         old = sorted(self._checkpoints())[:-self.config.keep_checkpoints] if self.config.keep_checkpoints > 0 else []
@@ -776,7 +685,12 @@ class Trainer:
         Args:
             resume_from: a ``checkpoint-<step>`` folder to continue from, or True for the latest one in
                 ``output_dir``. Resuming restores weights, optimizer, schedule and sampling state, so a resumed run
-                continues exactly as an uninterrupted one would.
+                continues exactly as an uninterrupted one would; it must have the settings of the run it continues
+                (``steps`` may grow).
+
+        Raises:
+            FileExistsError: when ``output_dir`` holds another run and neither ``overwrite`` nor ``resume_from``.
+            RunSettingsError: (a ValueError) when resuming a run made with other settings, naming the differences.
 
         Returns:
             The model, holding the best dev weights when a dev set was given (else the final weights).
@@ -791,10 +705,11 @@ class Trainer:
         sampler = QuerySampler(len(self.groups), cfg.seed)
         negatives = torch.Generator().manual_seed(cfg.seed + 1)
         self._best: Optional[Dict[str, torch.Tensor]] = None
+        # Before anything is computed: refuses a folder holding another run, or a resume with other settings.
+        self._settings = run_settings(self.model, cfg, self.groups)
+        claim(self.output_dir, self._settings, resume_from=resume_from, overwrite=self.overwrite)
         if resume_from:
             self._resume(resume_from, optimizer, scheduler, sampler, negatives)
-        if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_features()
         if self.dev is not None and self.state.step == 0 and cfg.eval_every:
             self._log_eval()

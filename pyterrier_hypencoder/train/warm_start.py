@@ -1,0 +1,188 @@
+"""Warm starts: Hypencoders whose q-nets begin as a similarity that is already known to rank well.
+
+- :func:`warm_start_hypencoder`: the backbone's own zero-shot similarity (about the cosine of mean-pooled vectors).
+- :func:`warm_start_from_dot`: a trained BE-Base (:class:`~pyterrier_hypencoder.train.DotEncoder`), exactly, so
+  that training can only move away from it where the data rewards that.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Union
+
+import torch
+
+from ..model import Hypencoder
+from ..qnet import QNetSpec
+from .biencoder import DotEncoder
+
+__all__ = ['warm_start_hypencoder', 'warm_start_from_dot']
+
+_PROBE_TEXTS = (
+    'what causes the seasons on earth',
+    'The mitochondria is the powerhouse of the cell, producing most of its chemical energy.',
+    'Statins lower cholesterol and reduce the risk of heart disease in adults.',
+    'how to bake sourdough bread at home',
+    'The treaty was signed in 1648, ending thirty years of war in central Europe.',
+    'Vitamin D deficiency is common in northern latitudes during winter months.',
+    'best practices for securing a home wireless network',
+    'Protein folding determines the three-dimensional structure and function of enzymes.',
+)
+
+
+def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_layers: int = 2, *, pooling: str = 'mean',
+                          query_max_length: int = 64, doc_max_length: int = 512, temperature: float = 0.05,
+                          seed: int = 0, device=None, dtype=None) -> Hypencoder:
+    """A new Hypencoder whose q-nets start out as the backbone's own similarity, ready for (head-only) training.
+
+    A hyperhead initialised at random, as in the paper, first has to rediscover what the pretrained encoder
+    already knows, which a small training set cannot teach it. This warm start begins from it instead:
+
+    - the first hidden q-net block standardises the document vector (``ReLU(a x + shift)`` passes ``a x``
+      unchanged and the q-net's parameter-free layer norm turns it into ``(x - mean(x)) / std(x)``); further
+      hidden blocks start as the identity (zero generated matrix, residual connection);
+    - the final q-net matrix attends uniformly over the query's token states, and is the standardised mean query
+      state times ``1 / (temperature * dim)``.
+
+    The initial score is then close to ``cos(mean query state, document vector) / temperature``: the zero-shot
+    ranking of a sentence-transformers encoder such as all-MiniLM-L6-v2 with ``pooling='mean'``. Every part stays
+    trainable and receives gradients; training moves away from this start wherever the data says so. All hidden
+    blocks get residual connections (``QNetSpec(residual_on_last=True)``), unlike the released models.
+
+    Args:
+        encoder_name_or_path: a Hugging Face encoder (e.g. all-MiniLM-L6-v2).
+        qnet_layers: q-net depth counted as in the paper (hidden blocks + final matrix); at least 2.
+        pooling: document pooling; ``mean`` matches sentence-transformers encoders.
+        query_max_length: query tokens kept.
+        doc_max_length: document tokens kept.
+        temperature: initial scores are about ``cosine / temperature`` (0.05: the usual contrastive scale).
+        seed: seeds the parts of the head not set here (the attention of the hidden matrices).
+        device: where to put the model; None means cuda when available.
+        dtype: ``fp32`` (default), ``bf16`` or ``fp16``.
+    """
+    if qnet_layers < 2:
+        raise ValueError(f'the warm start needs a hidden q-net block: qnet_layers >= 2, got {qnet_layers}')
+    base = Hypencoder.from_backbone(encoder_name_or_path, qnet_layers=qnet_layers, pooling=pooling,
+                                    query_max_length=query_max_length, doc_max_length=doc_max_length, seed=seed,
+                                    device='cpu')
+    spec = QNetSpec(vector_dimensions=base.spec.vector_dimensions, residual_on_last=True)
+    model = Hypencoder(base.backbone, base.tokenizer, spec, pooling=base.pooling, query_max_length=query_max_length,
+                       doc_max_length=doc_max_length, name_or_path=str(encoder_name_or_path))
+    model.hyperhead.load_state_dict(base.hyperhead.state_dict())
+    # Calibrate on a few probe texts: document components scaled to unit spread keep the first block's layer norm
+    # well conditioned, and the shifts keep every ReLU input positive.
+    docs = model.encode_docs(list(_PROBE_TEXTS))
+    enc = model.tokenize(list(_PROBE_TEXTS), query_max_length)
+    with torch.no_grad():
+        states = model.backbone(**enc).last_hidden_state
+    doc_gain = 1.0 / float(docs.std(dim=1).mean().clamp(min=1e-6))
+    shift = 4.0 * max(float(states.abs().max()), float((docs * doc_gain).abs().max()), 1.0)
+    _warm_start(model.hyperhead, 1.0 / (temperature * model.dim), doc_gain, shift)
+    return model._place(device, dtype)
+
+
+@torch.no_grad()
+def _warm_start(head, scale: float, doc_gain: float, shift: float, hidden_bias: float = 1e-2) -> None:
+    spec = head.spec
+    last = len(spec.weight_shapes) - 1
+    if head.model_dim != spec.vector_dimensions[0]:
+        raise ValueError('the warm start needs the q-net input size to equal the backbone hidden size')
+    eye = torch.eye(head.model_dim)
+    for k in range(last):
+        # generated hidden matrix = projection(...) + base = base (the projection starts at zero)
+        head.hyper_base_matrices[k].zero_()
+        head.weight_hyper_projection[k].weight.zero_()
+        head.weight_hyper_projection[k].bias.zero_()
+    for k in range(spec.num_blocks):
+        # a small positive bias keeps the ReLU open; the layer norm of a constant vector is 0, so the block is the
+        # identity while gradients still flow
+        head.hyper_base_vectors[k].fill_(hidden_bias)
+        head.bias_hyper_projection[k].weight.zero_()
+        head.bias_hyper_projection[k].bias.zero_()
+    # first block: ReLU(doc_gain * x + shift) = doc_gain * x + shift, whose layer norm is the standardised x
+    head.hyper_base_matrices[0].copy_(eye.unsqueeze(0) * doc_gain)
+    head.hyper_base_vectors[0].fill_(shift)
+    # final matrix: zero attention query = uniform attention over the query's tokens; values = states + shift pass
+    # the ReLU, the layer norm standardises their mean, and the projection scales it
+    head.weight_query_embeddings[last].zero_()
+    head.value_projections[last].weight.copy_(eye)
+    head.value_projections[last].bias.fill_(shift)
+    head.weight_hyper_projection[last].weight.copy_(eye * scale)
+    head.weight_hyper_projection[last].bias.zero_()
+    head.hyper_base_matrices[last].zero_()
+
+
+def _shift_for(model: Hypencoder, texts) -> float:
+    """A constant that keeps ``states + shift`` positive for these texts' token states, with room to spare."""
+    enc = model.tokenize(list(texts), model.query_max_length)
+    with torch.no_grad():
+        states = model.backbone(**{k: v.to(model.device) for k, v in enc.items()}).last_hidden_state
+    return 4.0 * max(float(states.abs().max()), 1.0)
+
+
+def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: float = 1e-2, seed: int = 0,
+                        device=None, dtype=None) -> Hypencoder:
+    """A Hypencoder whose q-nets score exactly as a trained BE-Base does, ready for training.
+
+    The q-net contains BE-Base's inner product: every hidden block gets a residual connection and a zero generated
+    matrix, so it adds ``layer_norm(ReLU(b))``, which is exactly 0 for the constant bias ``b`` it starts with;
+    the final matrix attends uniformly over the query's tokens (their mean, as mean pooling takes it), shifted
+    past the ReLU, standardised by the hyperhead's layer norm and mapped by BE-Base's query projection ``P``.
+    The q-net's score is then ``(P layer_norm(mean(q))) . d``: BE-Base with ``query_norm=True``, over the same
+    unnormalised document vectors. A q-net cannot divide by each document's norm, so a cosine BE-Base has no
+    exact counterpart; train the expressible variant (``DotEncoder(pooling='mean', normalize=False,
+    query_norm=True)``) as the starting point. Every parameter stays trainable.
+
+    Args:
+        dot: the trained BE-Base: mean pooling, ``normalize=False``, ``query_norm=True`` (with or without a
+            query projection). Its backbone is copied, not shared.
+        qnet_layers: q-net depth counted as in the paper (hidden blocks + final matrix); at least 2, so that
+            training has a hidden block to grow into.
+        hidden_bias: the hidden blocks' constant starting bias (positive, so the ReLUs pass gradients).
+        seed: seeds the parts of the head not set here.
+        device: where to put the model; None means the BE-Base's device.
+        dtype: ``fp32``, ``fp64``, ``bf16`` or ``fp16``; None means the BE-Base's.
+
+    Raises:
+        ValueError: ``dot`` is a BE-Base a q-net cannot express, naming the option to change.
+    """
+    if not isinstance(dot, DotEncoder):
+        raise TypeError(f'dot must be a DotEncoder (BE-Base); got {type(dot).__name__}')
+    wrong = [f'{name}={getattr(dot, name)!r} (needs {want!r})'
+             for name, want in (('pooling', 'mean'), ('normalize', False), ('query_norm', True))
+             if getattr(dot, name) != want]
+    if wrong:
+        raise ValueError(f'a q-net expresses BE-Base exactly only as DotEncoder(pooling="mean", normalize=False, '
+                         f'query_norm=True); this one has {", ".join(wrong)}. Train that variant to start from it')
+    if qnet_layers < 2:
+        raise ValueError(f'the warm start needs a hidden q-net block: qnet_layers >= 2, got {qnet_layers}')
+    if not hidden_bias > 0:
+        raise ValueError(f'hidden_bias must be > 0 (a ReLU at 0 passes no gradient); got {hidden_bias}')
+    dim = dot.dim
+    spec = QNetSpec(vector_dimensions=(dim,) * qnet_layers + (1,), residual_on_last=True)
+    model = Hypencoder(copy.deepcopy(dot.backbone), dot.tokenizer, spec, pooling='mean',
+                       query_max_length=dot.query_max_length, doc_max_length=dot.doc_max_length,
+                       name_or_path=dot.name_or_path)
+    model.hyperhead.reset_parameters(torch.Generator().manual_seed(seed))
+    # placed first, so the values set below are not rounded through float32 on their way to a float64 model
+    model = model._place(device if device is not None else dot.device, dtype if dtype is not None else dot.dtype)
+    head = model.hyperhead
+    last = len(spec.weight_shapes) - 1
+    projection = dot.query_projection.weight.detach() if dot.query_projection is not None else torch.eye(dim)
+    shift = _shift_for(model, _PROBE_TEXTS)
+    with torch.no_grad():
+        for k in range(last):
+            head.hyper_base_matrices[k].zero_()
+            head.weight_hyper_projection[k].weight.zero_()
+            head.weight_hyper_projection[k].bias.zero_()
+        for k in range(spec.num_blocks):
+            head.hyper_base_vectors[k].fill_(hidden_bias)
+            head.bias_hyper_projection[k].weight.zero_()
+            head.bias_hyper_projection[k].bias.zero_()
+        head.weight_query_embeddings[last].zero_()
+        head.value_projections[last].weight.copy_(torch.eye(dim))
+        head.value_projections[last].bias.fill_(shift)
+        head.weight_hyper_projection[last].weight.copy_(projection)
+        head.weight_hyper_projection[last].bias.zero_()
+        head.hyper_base_matrices[last].zero_()
+    return model

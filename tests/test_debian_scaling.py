@@ -1,0 +1,62 @@
+"""examples/debian_scaling.py end to end on a tiny model and a few hundred debian-packages documents."""
+import json
+import sys
+
+import pandas as pd
+import pytest
+from conftest import DATASETS, ROOT
+
+
+@pytest.fixture(scope='module')
+def tiny_beir(tmp_path_factory):
+    """300 debian-packages documents and the queries that find them, split 120 / 40 / 40, in the BEIR layout."""
+    source = DATASETS / 'debian-packages'
+    if not (source / 'corpus.jsonl').exists():
+        pytest.skip(f'debian-packages not found at {source}')
+    pytest.importorskip('pyterrier_pisa')
+    folder = tmp_path_factory.mktemp('debian300')
+    corpus = pd.read_json(source / 'corpus.jsonl', lines=True, dtype={'_id': str}).iloc[:300]
+    corpus.to_json(folder / 'corpus.jsonl', orient='records', lines=True)
+    qrels = pd.concat([pd.read_csv(source / 'qrels' / f'{s}.tsv', sep='\t', dtype=str) for s in ('train', 'dev', 'test')])
+    qrels = qrels[qrels['corpus-id'].isin(set(corpus['_id']))].iloc[:200].reset_index(drop=True)
+    queries = pd.read_json(source / 'queries.jsonl', lines=True, dtype={'_id': str})
+    queries[queries['_id'].isin(set(qrels['query-id']))].to_json(folder / 'queries.jsonl', orient='records', lines=True)
+    (folder / 'qrels').mkdir()
+    for split, part in (('train', qrels.iloc[:120]), ('dev', qrels.iloc[120:160]), ('test', qrels.iloc[160:])):
+        part.to_csv(folder / 'qrels' / f'{split}.tsv', sep='\t', index=False)
+    return folder
+
+
+def test_scaling_script_runs_end_to_end(tiny_beir, tiny_bert, tmp_path):
+    sys.path.insert(0, str(ROOT / 'examples'))
+    try:
+        import debian_scaling
+    finally:
+        sys.path.pop(0)
+    work = tmp_path / 'work'
+    results = debian_scaling.main([
+        '--data', str(tiny_beir), '--work', str(work), '--backbone', str(tiny_bert), '--sizes', '30', '120',
+        '--seeds', '0', '1', '--steps', '4', '--batch-size', '8', '--negatives', '3', '--candidates', '10',
+        '--warmup', '0', '--evals', '2', '--dev-queries', '40', '--be-lrs', '1e-3', '3e-3', '--hyp-lrs', '3e-5',
+        '1e-4', '--device', 'cpu', '--quiet'])
+    rows = pd.DataFrame(results['rows'])
+    # one seed at the smaller size, both at the largest; every model at every size
+    assert rows.groupby('queries').size().to_dict() == {30: 4, 120: 8}
+    assert set(rows.model) == set(debian_scaling.MODELS)
+    assert all(len(r['trials']) == 2 for r in results['rows'])
+    for col in ('RR@10', 'nDCG@10', 'R@100'):
+        assert rows[col].between(0, 1).all()
+    assert set(results['references']) == {'BM25', 'MiniLM zero-shot'}
+    assert (work / 'scaling.png').stat().st_size > 1000
+    assert '| 120 | Hypencoder (BE-Base start) | 2 |' in (work / 'results.md').read_text()
+    assert json.loads((work / 'results.json').read_text())['args']['steps'] == 4
+
+
+def test_scaling_script_needs_equal_trials():
+    sys.path.insert(0, str(ROOT / 'examples'))
+    try:
+        import debian_scaling
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit):
+        debian_scaling.parse_args(['--be-lrs', '1e-3', '--hyp-lrs', '1e-5', '3e-5'])
