@@ -90,7 +90,14 @@ def _load_into(module: nn.Module, state: dict, what: str) -> None:
 
 class TextEncoder(nn.Module):
     """What :class:`Hypencoder` and the training package's ``DotEncoder`` share: a tokenizer and one or two
-    backbones (``backbone``, optional ``doc_backbone``) on one device and dtype."""
+    backbones (``backbone``, optional ``doc_backbone``) on one device and dtype.
+
+    Both also give the trainer one interface, so it never asks which of the two it trains: ``trainable_head``
+    (what head-only training learns), ``query_reps`` (query representations from tokens, differentiable),
+    ``reps_from_states`` (the same from frozen token states), ``doc_vectors`` and ``finish_docs`` (documents,
+    from tokens or from pooled frozen states), ``score_pairs`` / ``score_all`` (scores of representations
+    against per-query or shared documents), and ``default_head_lr``.
+    """
 
     doc_backbone: Optional[nn.Module] = None
 
@@ -366,6 +373,38 @@ class Hypencoder(TextEncoder):
         """Document vectors ``[batch, dim]`` for tokenised documents (differentiable)."""
         states = self._backbone_states(self.doc_backbone or self.backbone, input_ids, attention_mask)
         return pool(states, attention_mask, self.pooling)
+
+    # ---- the training interface (see TextEncoder) -----------------------------------------------------------
+
+    # the hyperhead turns small steps into large changes of the q-nets
+    default_head_lr = 3e-5
+
+    @property
+    def trainable_head(self) -> nn.Module:
+        """What head-only training learns: the hyperhead."""
+        return self.hyperhead
+
+    def query_reps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> QNets:
+        """The queries' q-nets (differentiable): :meth:`query_qnets`."""
+        return self.query_qnets(input_ids, attention_mask)
+
+    def reps_from_states(self, states: torch.Tensor, attention_mask: torch.Tensor) -> QNets:
+        """Q-nets from the backbone's token states of the queries (e.g. cached, frozen ones)."""
+        return self.hyperhead(states, attention_mask)
+
+    def finish_docs(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Document vectors from pooled document states: the pooled vectors themselves."""
+        return pooled
+
+    @staticmethod
+    def score_pairs(reps: QNets, docs: torch.Tensor) -> torch.Tensor:
+        """``[B, m]`` scores of each query's own ``[B, m, dim]`` documents."""
+        return reps.score_pairs(docs)
+
+    @staticmethod
+    def score_all(reps: QNets, docs: torch.Tensor) -> torch.Tensor:
+        """``[B, n]`` scores of every query against the same ``[n, dim]`` documents."""
+        return reps.score(docs)
 
     # ---- text in, tensors out -------------------------------------------------------------------------------
 

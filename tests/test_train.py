@@ -307,7 +307,7 @@ def test_resume_continues_exactly(tiny_bert, tmp_path):
 
 
 def test_feature_cache_is_reused(tiny_bert, tmp_path, monkeypatch):
-    from pyterrier_hypencoder.train import trainer as trainer_module
+    from pyterrier_hypencoder.train import features as features_module
     trainer = Trainer(_hypencoder(tiny_bert), fruit_frame(), _config(steps=1), cache_dir=tmp_path, verbose=False)
     trainer.train()
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -316,8 +316,8 @@ def test_feature_cache_is_reused(tiny_bert, tmp_path, monkeypatch):
     def no_encoding(*args, **kwargs):
         raise AssertionError('encoded again instead of reading the cache')
 
-    monkeypatch.setattr(trainer_module._Ops, 'pooled_docs', no_encoding)
-    monkeypatch.setattr(trainer_module._Ops, 'query_states', no_encoding)
+    monkeypatch.setattr(features_module, 'frozen_pooled_docs', no_encoding)
+    monkeypatch.setattr(features_module, 'frozen_query_states', no_encoding)
     again = Trainer(_hypencoder(tiny_bert), fruit_frame(), _config(steps=1), cache_dir=tmp_path, verbose=False)
     again._prepare_features()
     assert torch.equal(again._train_docs, trainer._train_docs)

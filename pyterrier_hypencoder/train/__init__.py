@@ -4,11 +4,14 @@
 - :mod:`~pyterrier_hypencoder.train.data`: training data frames built from PyTerrier datasets, batch sampling,
   dev sets.
 - :class:`DotEncoder`: BE-Base, the same backbone with an inner-product head.
-- :class:`Trainer` / :class:`TrainConfig`: head-only (frozen backbone, CPU-friendly) or full fine-tuning.
+- :class:`Trainer` / :class:`TrainConfig` (:mod:`~pyterrier_hypencoder.train.config`): head-only (frozen backbone,
+  CPU-friendly) or full fine-tuning; :mod:`~pyterrier_hypencoder.train.features` caches the frozen encodings and
+  :mod:`~pyterrier_hypencoder.train.evaluation` ranks for dev evaluation.
 - :mod:`~pyterrier_hypencoder.train.warm_start`: Hypencoders that start as MiniLM's cosine or as a trained BE-Base.
 - ``python -m pyterrier_hypencoder.train --help``: the command line.
 """
 from .biencoder import DotEncoder
+from .config import TrainConfig
 from .data import (
     Batch,
     DevSet,
@@ -22,8 +25,10 @@ from .data import (
     split_topics,
     training_data_from_dataset,
 )
+from .evaluation import ModelScorer, exhaustive_retrieve
+from .features import FeatureStore
 from .losses import distillation_loss, hard_negative_cross_entropy, in_batch_cross_entropy, margin_mse
-from .trainer import FeatureStore, ModelScorer, TrainConfig, Trainer, exhaustive_retrieve
+from .trainer import Trainer
 from .warm_start import warm_start_from_dot, warm_start_hypencoder
 
 __all__ = [

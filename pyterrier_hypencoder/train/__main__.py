@@ -16,8 +16,10 @@ from ..model import Hypencoder
 from . import data as D
 from .biencoder import FORMAT_NAME as DOT_FORMAT
 from .biencoder import DotEncoder
+from .config import TrainConfig
+from .evaluation import ModelScorer, exhaustive_retrieve
 from .run_folder import RunSettingsError, check_output, check_resume
-from .trainer import ModelScorer, TrainConfig, Trainer, exhaustive_retrieve
+from .trainer import Trainer
 from .warm_start import warm_start_hypencoder
 
 # ``python -m`` imports the package (torch, transformers, pyterrier) before this module anyway, so nothing is

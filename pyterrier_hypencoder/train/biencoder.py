@@ -189,6 +189,34 @@ class DotEncoder(TextEncoder):
         states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.finish_docs(pool(states, attention_mask, self.pooling))
 
+    # ---- the training interface (see TextEncoder) -----------------------------------------------------------
+
+    # a linear map over frozen vectors takes larger steps than a hyperhead
+    default_head_lr = 1e-3
+
+    @property
+    def trainable_head(self) -> Optional[nn.Module]:
+        """What head-only training learns: the query projection (None without one)."""
+        return self.query_projection
+
+    def query_reps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Query vectors (differentiable): :meth:`query_vectors`."""
+        return self.query_vectors(input_ids, attention_mask)
+
+    def reps_from_states(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Query vectors from the backbone's token states of the queries (e.g. cached, frozen ones)."""
+        return self.project_queries(pool(states, attention_mask, self.pooling))
+
+    @staticmethod
+    def score_pairs(reps: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+        """``[B, m]`` inner products of each query vector with its own ``[B, m, dim]`` documents."""
+        return torch.einsum('bd,bmd->bm', reps, docs.to(reps.dtype))
+
+    @staticmethod
+    def score_all(reps: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+        """``[B, n]`` inner products of every query vector with the same ``[n, dim]`` documents."""
+        return reps @ docs.to(reps.dtype).T
+
     # ---- text in, tensors out -------------------------------------------------------------------------------
 
     def _encode(self, texts: Sequence[str], max_length: int, batch_size: int, verbose: bool, fn, desc: str,
