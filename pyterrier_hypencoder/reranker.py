@@ -71,7 +71,8 @@ class HypencoderReranker(pt.Transformer):
         Raises:
             ValueError: on a bad parameter or an unavailable device.
             TypeError: when ``model`` is neither a Hypencoder nor the name of one.
-            HypencoderIndexError: (a ValueError) when the index is incomplete or corrupt, or does not match the model.
+            HypencoderIndexError: (a ValueError) when the index (or one of its shards) is incomplete or corrupt, or
+                does not match the model.
         """
         check_int('batch_size', batch_size)
         self.device = check_device(device)
@@ -94,12 +95,13 @@ class HypencoderReranker(pt.Transformer):
         self._generation = self.index.generation()
         if isinstance(self.index, ShardedIndexFiles):
             self.index.validate()  # every shard opened now: a missing or damaged one fails here
+        self.index.check_model(self.model)
+        self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not at the first batch
+        if isinstance(self.index, ShardedIndexFiles):
             if self._shards is not None:
                 self._shards.close()  # a rebuilt sharded index: new shards, new actors
             backend, ray_options = self._backend
             self._shards = open_shards(self.index, backend, self.search_device, self.model.dtype, ray_options)
-        self.index.check_model(self.model)
-        self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not at the first batch
 
     def __getstate__(self) -> dict:
         # Locks cannot be pickled or shared with a copy; cached q-nets are cheap to recompute.

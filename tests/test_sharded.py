@@ -224,7 +224,8 @@ def damaged_copy(index, tmp_path, how):
     return copy
 
 
-@pytest.mark.parametrize('how,match', [('missing', 'shard 1 .*missing'), ('truncated', 'shard 2 .*truncated'),
+@pytest.mark.parametrize('how,match', [('missing', 'shard 1 .*shard-001: the folder does not exist'),
+                                       ('truncated', 'shard 2 .*truncated'),
                                        ('replaced', 'shard 1 .*manifest says 24'), ('manifest', 'corrupt')])
 def test_damaged_shard_fails_when_the_transformer_is_built(tiny_model, splits, tmp_path, how, match):
     copy = damaged_copy(splits[('aligned', 3)], tmp_path, how)
