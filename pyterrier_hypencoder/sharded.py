@@ -8,8 +8,9 @@ and only :func:`~pyterrier_hypencoder.search.merge_topk` joins their results.
 
 Scores are bit-identical to the unsharded index's when every shard offset is a multiple of the exhaustive-search
 block (:func:`~pyterrier_hypencoder.search.score_block`: 1,024 documents on CPU, 4,096 on GPU), as every document
-is then scored in the same GEMM, of the same shape, on both sides; :func:`split_index` and the sharded indexer
-align shards to ``align=4096`` documents by default for this reason. Unaligned shards score each document in
+is then scored in the same GEMM, of the same shape, on both sides (given the same BLAS thread count: Ray actors
+with fewer threads than the driver may round differently, within the bound below); :func:`split_index` and the
+sharded indexer align shards to ``align=4096`` documents by default for this reason. Unaligned shards score each document in
 a differently shaped GEMM, which may round differently: scores then agree within fp32 rounding of the q-net
 (``depth * width * 2**-24`` relative to the query's score scale), and rankings agree except between documents
 whose scores differ by less than that.
