@@ -216,7 +216,7 @@ def main():
               'documents scored are meaningful; recall against exhaustive and nDCG@10 do not reflect a trained model.',
               flush=True)
     if args.index:
-        from pyterrier_hypencoder.index import HypencoderIndex
+        from pyterrier_hypencoder import HypencoderIndex
         index, build = HypencoderIndex(args.index), None
         index.check_model(model)
         if (index.graph_k or 0) < NEIGHBOURS:

@@ -23,7 +23,7 @@ import pyterrier as pt
 import torch
 from ir_measures import R, Rprec, nDCG
 
-from pyterrier_hypencoder.index import HypencoderIndex, HypencoderIndexer
+from pyterrier_hypencoder import HypencoderIndex, HypencoderIndexer
 from pyterrier_hypencoder.optional import require
 from pyterrier_hypencoder.train import (
     DevSet,

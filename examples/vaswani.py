@@ -16,8 +16,7 @@ import pyterrier as pt
 import torch
 from ir_measures import AP, RR, R, nDCG
 
-from pyterrier_hypencoder import Hypencoder, QNets, QNetSpec
-from pyterrier_hypencoder.index import HypencoderIndex, HypencoderIndexer
+from pyterrier_hypencoder import Hypencoder, HypencoderIndex, HypencoderIndexer, QNets, QNetSpec
 from pyterrier_hypencoder.optional import require
 from pyterrier_hypencoder.search import exhaustive_search, graph_search
 

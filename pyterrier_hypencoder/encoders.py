@@ -28,7 +28,7 @@ class HypencoderQueryEncoder(pt.Transformer):
         pt.validate.columns(inp, includes=['query'])
         if len(inp) == 0:
             return inp.assign(query_qnet=pd.Series(dtype=object))
-        from .retriever import check_queries
+        from .common import check_queries
         codes, unique = pd.factorize(pd.Series(check_queries(inp) if 'qid' in inp else inp['query'].tolist()))
         with torch.inference_mode():
             qnets = self.model.encode_queries(list(unique), batch_size=self.batch_size, verbose=self.verbose).to('cpu')

@@ -19,7 +19,7 @@ from npids import Lookup
 
 from .optional import require
 
-__all__ = ['HypencoderIndex', 'HypencoderIndexer', 'HypencoderIndexError']
+__all__ = ['HypencoderIndexFiles', 'HypencoderIndexer', 'HypencoderIndexError', 'write_graph']
 
 _VEC_FILES = {'float32': 'vecs.f4', 'float16': 'vecs.f2'}
 _PROBE_TEXT = 'pyterrier-hypencoder probe: does this model encode documents like the one that built the index?'
@@ -34,16 +34,13 @@ def _graph_dirname(k: int) -> str:
     return f'graph_l2_k{k}'
 
 
-class HypencoderIndex(pta.Artifact):
-    """Document vectors for Hypencoder retrieval, with docnos and a k-nearest-neighbour graph for approximate search.
+class HypencoderIndexFiles(pta.Artifact):
+    """The files of a Hypencoder index: document vectors, docnos and a k-nearest-neighbour graph.
 
-    Build one with :class:`HypencoderIndexer` (or ``index.indexer(model)``), load one with
-    ``HypencoderIndex(path)`` or ``pt.Artifact.load(path)``, then get transformers from it::
-
-        index = HypencoderIndex('scifact.hypencoder')
-        retriever = index.retriever(model)                  # exhaustive search
-        approx = index.retriever(model, mode='graph')       # greedy graph walk
-        reranker = index.reranker(model)                    # rescoring with stored vectors
+    This class reads and validates them; the transformers read an index through it. Users normally hold its
+    subclass :class:`pyterrier_hypencoder.HypencoderIndex` (what ``pt.Artifact.load`` returns), which adds the
+    ``retriever()`` and ``reranker()`` hand-outs: they live one module up (``artifacts.py``) so that this module
+    never imports the transformers, which import it.
     """
     ARTIFACT_TYPE = 'dense_index'
     ARTIFACT_FORMAT = 'hypencoder'
@@ -166,6 +163,15 @@ class HypencoderIndex(pta.Artifact):
             KeyError: naming the docnos that are not in the index.
         """
         docnos = [str(d) for d in docnos]
+        rows = self.find_rows(docnos)
+        if (rows < 0).any():
+            unknown = [d for d, r in zip(docnos, rows) if r < 0]
+            raise KeyError(f'{len(unknown)} docno(s) are not in the index {self.path}, e.g. {unknown[:5]}')
+        return rows
+
+    def find_rows(self, docnos: Sequence[str]) -> np.ndarray:
+        """Row ids of ``docnos``, -1 for those not in the index (a sharded index asks each shard)."""
+        docnos = [str(d) for d in docnos]
         if not docnos:
             return np.zeros(0, dtype=np.int64)
         lookup = self.docnos
@@ -180,9 +186,6 @@ class HypencoderIndex(pta.Artifact):
         if len(found):
             back = np.asarray(lookup.fwd[rows[found]], dtype=object)
             rows[found[back != np.asarray([docnos[i] for i in found], dtype=object)]] = -1
-        if (rows < 0).any():
-            unknown = [d for d, r in zip(docnos, rows) if r < 0]
-            raise KeyError(f'{len(unknown)} docno(s) are not in the index {self.path}, e.g. {unknown[:5]}')
         return rows
 
     def has_graph(self) -> bool:
@@ -240,8 +243,6 @@ class HypencoderIndex(pta.Artifact):
                                        f'documents differently: {how}. Rebuild the index with this model, or load the '
                                        'model as it was when it built the index')
 
-    # ---- transformers handed out by the index (as FlexIndex does) -----------------------------------------------
-
     def indexer(self, model, **kwargs) -> HypencoderIndexer:
         """A :class:`HypencoderIndexer` that builds this index with ``model`` (this object then reads the new one)."""
         indexer = HypencoderIndexer(model, self.path, **kwargs)
@@ -274,16 +275,6 @@ class HypencoderIndex(pta.Artifact):
             if current != self._stamp:
                 self._forget()
         return self._generation
-
-    def retriever(self, model, **kwargs):
-        """A :class:`~pyterrier_hypencoder.retriever.HypencoderRetriever` over this index."""
-        from .retriever import HypencoderRetriever
-        return HypencoderRetriever(model, self, **kwargs)
-
-    def reranker(self, model, **kwargs):
-        """A :class:`~pyterrier_hypencoder.reranker.HypencoderReranker` scoring this index's stored vectors."""
-        from .reranker import HypencoderReranker
-        return HypencoderReranker(model, self, **kwargs)
 
     def flex_index(self, **kwargs):
         """The same vectors as a ``pyterrier_dr.FlexIndex`` (float32 indexes only), e.g. for a dot-product baseline.
@@ -369,7 +360,7 @@ class HypencoderIndexer(pt.Indexer):
         self.dtype = 'float16' if fp16 else 'float32'
         self.overwrite = overwrite
         self.verbose = verbose
-        self._built_for: Optional[HypencoderIndex] = None  # set by HypencoderIndex.indexer()
+        self._built_for: Optional[HypencoderIndexFiles] = None  # set by HypencoderIndex.indexer()
 
     def index_inputs(self) -> List[List[str]]:
         """The columns :meth:`index` reads (for ``pt.inspect.indexer_inputs``)."""
@@ -379,7 +370,7 @@ class HypencoderIndexer(pt.Indexer):
         return (f'HypencoderIndexer({str(self.path)!r}, neighbours={self.neighbours}, text_field={self.text_fields}, '
                 f'dtype={self.dtype})')
 
-    def index(self, docs: Iterable[Dict[str, Any]]) -> HypencoderIndex:
+    def index(self, docs: Iterable[Dict[str, Any]]) -> HypencoderIndexFiles:
         """Indexes documents.
 
         Args:
@@ -387,7 +378,7 @@ class HypencoderIndexer(pt.Indexer):
                 with those columns.
 
         Returns:
-            The built :class:`HypencoderIndex`.
+            The built index, as the artifact class registered for it (:class:`pyterrier_hypencoder.HypencoderIndex`).
 
         Raises:
             FileExistsError: when ``path`` exists and ``overwrite`` is False.
@@ -420,7 +411,9 @@ class HypencoderIndexer(pt.Indexer):
         if self._built_for is not None:
             self._built_for._forget()  # it may hold the replaced index's metadata and memory maps
             return self._built_for
-        return HypencoderIndex(self.path)
+        # Resolved through the pyterrier.artifact entry point, so the caller gets the class with the hand-outs
+        # (defined above this module) without this module importing it.
+        return pt.Artifact.load(str(self.path))
 
     def _move_into_place(self, tmp: Path) -> None:
         old = None
@@ -512,9 +505,9 @@ class HypencoderIndexer(pt.Indexer):
         with torch.inference_mode():
             probe = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
         return {
-            'type': HypencoderIndex.ARTIFACT_TYPE,
-            'format': HypencoderIndex.ARTIFACT_FORMAT,
-            'package_hint': HypencoderIndex.ARTIFACT_PACKAGE_HINT,
+            'type': HypencoderIndexFiles.ARTIFACT_TYPE,
+            'format': HypencoderIndexFiles.ARTIFACT_FORMAT,
+            'package_hint': HypencoderIndexFiles.ARTIFACT_PACKAGE_HINT,
             'model': getattr(model, 'name_or_path', None),
             'vec_size': model.dim,
             'dtype': self.dtype,
@@ -527,29 +520,39 @@ class HypencoderIndexer(pt.Indexer):
         }
 
     def _build_graph(self, vectors: np.ndarray, folder: Path) -> Optional[Dict[str, Any]]:
-        from .graph import build_knn_graph
-        n = vectors.shape[0]
-        k = min(self.neighbours, n - 1)
-        if k < 1:
-            warnings.warn('a single document has no neighbours: the index is built without a graph', stacklevel=3)
-            return None
-        if k < self.neighbours:
-            warnings.warn(f'only {n} documents: the graph keeps {k} neighbours per document, not {self.neighbours}',
-                          stacklevel=3)
-        gdir = folder / _graph_dirname(k)
-        gdir.mkdir()
-        # Raw row-major files, as pyterrier-adaptive's np_topk graphs are; weights (L2 distances) in float16.
-        edges = np.memmap(gdir / 'edges.u32.np', mode='w+', dtype=np.uint32, shape=(n, k))
-        dists = np.memmap(gdir / 'weights.f16.np', mode='w+', dtype=np.float16, shape=(n, k))
-        build_knn_graph(vectors, k, method=self.graph, verbose=self.verbose, edges_out=edges, dists_out=dists)
-        edges.flush()
-        dists.flush()
-        del edges, dists
-        shutil.copy(folder / 'docnos.npids', gdir / 'docnos.npids')
-        with open(gdir / 'pt_meta.json', 'w') as f:
-            json.dump({'type': 'corpus_graph', 'format': 'np_topk', 'package_hint': 'pyterrier-adaptive',
-                       'doc_count': n, 'k': k, 'metric': 'l2'}, f)
-        return {'k': k, 'metric': 'l2', 'method': self.graph}
+        return write_graph(vectors, folder, self.neighbours, self.graph, self.verbose)
+
+
+def write_graph(vectors: np.ndarray, folder: Path, neighbours: int, method: str = 'auto',
+                verbose: bool = False) -> Optional[Dict[str, Any]]:
+    """Builds the L2 ``neighbours``-NN graph of ``vectors`` into ``folder`` (which holds their ``docnos.npids``).
+
+    Returns:
+        The index metadata's ``graph`` entry, or None when there are too few documents for a graph.
+    """
+    from .graph import build_knn_graph
+    n = vectors.shape[0]
+    k = min(neighbours, n - 1)
+    if k < 1:
+        warnings.warn('a single document has no neighbours: the index is built without a graph', stacklevel=3)
+        return None
+    if k < neighbours:
+        warnings.warn(f'only {n} documents: the graph keeps {k} neighbours per document, not {neighbours}',
+                      stacklevel=3)
+    gdir = folder / _graph_dirname(k)
+    gdir.mkdir()
+    # Raw row-major files, as pyterrier-adaptive's np_topk graphs are; weights (L2 distances) in float16.
+    edges = np.memmap(gdir / 'edges.u32.np', mode='w+', dtype=np.uint32, shape=(n, k))
+    dists = np.memmap(gdir / 'weights.f16.np', mode='w+', dtype=np.float16, shape=(n, k))
+    build_knn_graph(vectors, k, method=method, verbose=verbose, edges_out=edges, dists_out=dists)
+    edges.flush()
+    dists.flush()
+    del edges, dists
+    shutil.copy(folder / 'docnos.npids', gdir / 'docnos.npids')
+    with open(gdir / 'pt_meta.json', 'w') as f:
+        json.dump({'type': 'corpus_graph', 'format': 'np_topk', 'package_hint': 'pyterrier-adaptive',
+                   'doc_count': n, 'k': k, 'metric': 'l2'}, f)
+    return {'k': k, 'metric': 'l2', 'method': method}
 
 
 def _file_stamp(path: Path) -> tuple:

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import pyterrier as pt
 import torch
 
+from .common import check_backend, check_device, check_queries, load_index
 from .model import load_model
 from .qnet import QNets
-from .retriever import _load_index, check_device, check_queries
 from .search import check_int
+from .sharded import ShardedIndexFiles, open_shards
 
 __all__ = ['HypencoderReranker']
 
@@ -49,7 +50,8 @@ class HypencoderReranker(pt.Transformer):
     schematic = {'label': 'HypencoderReranker', 'help_url': None}
 
     def __init__(self, model, index=None, *, text_field: str = 'text', batch_size: int = 32,
-                 device: Union[None, str, torch.device] = None, verbose: bool = False):
+                 device: Union[None, str, torch.device] = None, backend: Optional[str] = None,
+                 ray_options: Optional[Dict[str, Any]] = None, verbose: bool = False):
         """
         Args:
             model: the :class:`~pyterrier_hypencoder.Hypencoder`, or its folder or hub name (loaded now, on
@@ -60,18 +62,28 @@ class HypencoderReranker(pt.Transformer):
             text_field: the column with document texts (used without an index).
             batch_size: queries encoded together, and documents per encoder forward pass.
             device: where q-nets score documents (default: the model's device). The model is not moved.
+            backend: for a :class:`~pyterrier_hypencoder.ShardedHypencoderIndex`: where its shards are read,
+                ``'local'`` (default) or ``'ray'`` / a Ray address (each docno is routed to its shard's actor,
+                which returns the stored vector; the q-nets score on this side, so scores are the same).
+            ray_options: Ray actor options (see :class:`~pyterrier_hypencoder.HypencoderRetriever`).
             verbose: show a progress bar over the queries.
 
         Raises:
             ValueError: on a bad parameter or an unavailable device.
             TypeError: when ``model`` is neither a Hypencoder nor the name of one.
-            HypencoderIndexError: (a ValueError) when the index is incomplete or corrupt, or does not match the model.
+            HypencoderIndexError: (a ValueError) when the index (or one of its shards) is incomplete or corrupt, or
+                does not match the model.
         """
         check_int('batch_size', batch_size)
         self.device = check_device(device)
         self.model = load_model(model, device=device, user='HypencoderReranker')
-        self.index = _load_index(index) if index is not None else None
+        self.index = load_index(index) if index is not None else None
+        if self.index is None and (backend is not None or ray_options):
+            raise ValueError('backend and ray_options choose where a sharded index is read; this reranker has no index')
+        self._backend = (backend, ray_options)
+        self._shards = None
         if self.index is not None:
+            check_backend(self.index, backend)
             self._check_index()
         self.text_field = text_field
         self.batch_size = batch_size
@@ -81,8 +93,15 @@ class HypencoderReranker(pt.Transformer):
 
     def _check_index(self) -> None:
         self._generation = self.index.generation()
+        if isinstance(self.index, ShardedIndexFiles):
+            self.index.validate()  # every shard opened now: a missing or damaged one fails here
         self.index.check_model(self.model)
         self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not at the first batch
+        if isinstance(self.index, ShardedIndexFiles):
+            if self._shards is not None:
+                self._shards.close()  # a rebuilt sharded index: new shards, new actors
+            backend, ray_options = self._backend
+            self._shards = open_shards(self.index, backend, self.search_device, self.model.dtype, ray_options)
 
     def __getstate__(self) -> dict:
         # Locks cannot be pickled or shared with a copy; cached q-nets are cheap to recompute.
@@ -97,12 +116,20 @@ class HypencoderReranker(pt.Transformer):
 
     def __repr__(self) -> str:
         source = repr(str(self.index.path)) if self.index is not None else f'text_field={self.text_field!r}'
+        if self._shards is not None:
+            source += f', backend={self._shards!r}, shards={self.index.n_shards}'
         return f'HypencoderReranker({source})'
 
     @property
     def search_device(self) -> torch.device:
         """The device where documents are scored."""
         return self.device if self.device is not None else self.model.device
+
+    def close(self) -> None:
+        """Releases a sharded index's backend: ends its Ray actors (they also end with the last reference to the
+        transformer). Does nothing for a single index. A closed transformer over a sharded index cannot search."""
+        if self._shards is not None:
+            self._shards.close()
 
     def clear_cache(self) -> None:
         """Forgets the cached q-nets of recent queries (call it after changing the model's weights)."""
@@ -152,7 +179,10 @@ class HypencoderReranker(pt.Transformer):
             except KeyError as e:
                 raise KeyError(f'{e.args[0]}. The reranker scores the vectors stored in its index, so every docno must '
                                'come from the indexed corpus (was the first stage run on another corpus?)') from None
-            vectors = torch.from_numpy(np.asarray(self.index.vectors()[rows]))
+            if self._shards is not None:
+                vectors = self._shards.vectors(rows)  # routed to each row's shard
+            else:
+                vectors = torch.from_numpy(np.asarray(self.index.vectors()[rows]))
         else:
             texts = frame[self.text_field]
             bad = texts.map(lambda t: not isinstance(t, str))

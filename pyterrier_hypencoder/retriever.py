@@ -2,53 +2,21 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import pandas as pd
 import pyterrier as pt
 import torch
 
-from .model import default_device, load_model
+from .common import check_backend, check_device, check_queries, load_index
+from .model import load_model
 from .search import check_int, exhaustive_search, graph_search, place_vectors
+from .sharded import ShardedIndexFiles, open_shards
 
 __all__ = ['HypencoderRetriever']
 
 _MODES = ('exhaustive', 'graph')
-
-
-def _load_index(index):
-    from .index import HypencoderIndex
-    if isinstance(index, HypencoderIndex):
-        return index
-    if isinstance(index, (str, bytes)) or hasattr(index, '__fspath__'):
-        return HypencoderIndex(index)
-    raise TypeError(f'index must be a HypencoderIndex or the path of one; got {type(index).__name__}')
-
-
-def check_queries(inp: pd.DataFrame) -> list:
-    """The ``query`` column as a list of strings.
-
-    Raises:
-        TypeError: naming the qids whose query is not a string (NaN, None, a number, a token list).
-        ValueError: naming the qids whose query is empty or whitespace only: a Hypencoder would still make a
-            q-net from the special tokens alone, and rank the corpus for no query at all.
-    """
-    queries = inp['query'].tolist()
-    bad = [(qid, q) for qid, q in zip(inp['qid'], queries) if not isinstance(q, str)]
-    if bad:
-        raise TypeError(f'{len(bad)} queries are not strings, e.g. qid {bad[0][0]!r}: {bad[0][1]!r}; fill or drop them '
-                        'before retrieval')
-    empty = [qid for qid, q in zip(inp['qid'], queries) if not q.strip()]
-    if empty:
-        raise ValueError(f'{len(empty)} queries are empty or whitespace only (qids {empty[:5]}); drop them (e.g. '
-                         'topics[topics["query"].str.strip() != ""]) or fill them before retrieval')
-    return queries
-
-
-def check_device(device) -> Optional[torch.device]:
-    """``device`` as a ``torch.device`` (None stays None), failing now if this machine does not have it."""
-    return default_device(device) if device is not None else None
 
 
 class HypencoderRetriever(pt.Transformer):
@@ -76,6 +44,18 @@ class HypencoderRetriever(pt.Transformer):
 
     One retriever may serve several threads at once; a graph walk is deterministic given ``seed``.
 
+    Ties are broken by row (score descending, then row ascending), so results are deterministic.
+
+    A :class:`~pyterrier_hypencoder.ShardedHypencoderIndex` is searched shard by shard, in this process
+    (``backend='local'``, the default) or by one Ray actor per shard (``backend='ray'`` or a Ray address), and
+    the shards' top-k merged under the same order: exhaustive results equal the unsharded index's (see
+    :mod:`~pyterrier_hypencoder.sharded` for when scores are bit-identical). In graph mode each shard walks its
+    own graph, starting from its share of ``n_initial`` (proportional to its size) with seed ``seed + shard``,
+    and the walks' results are merged. That differs from one walk over one graph: no walk can cross into
+    another shard (the shard graphs have no edges between shards), each shard expands up to ``n_candidates``
+    documents per step and stops early on its own, so S shards score up to S times as many documents per step,
+    and the results, while usually at least as good, are not those of the unsharded walk.
+
     Example::
 
         from ir_measures import nDCG
@@ -86,7 +66,8 @@ class HypencoderRetriever(pt.Transformer):
 
     def __init__(self, model, index, *, num_results: int = 1000, mode: str = 'exhaustive', n_initial: int = 10000,
                  n_candidates: int = 64, max_iter: int = 16, early_stopping: bool = True, seed: int = 0,
-                 batch_size: int = 32, device: Union[None, str, torch.device] = None, verbose: bool = False):
+                 batch_size: int = 32, device: Union[None, str, torch.device] = None, backend: Optional[str] = None,
+                 ray_options: Optional[Dict[str, Any]] = None, score_block: Optional[int] = None, verbose: bool = False):
         """
         Args:
             model: the :class:`~pyterrier_hypencoder.Hypencoder` that built the index, or its folder or hub name
@@ -102,12 +83,17 @@ class HypencoderRetriever(pt.Transformer):
             seed: graph mode: seed of the initial sample (the same sample serves every query); an integer >= 0.
             batch_size: queries encoded and searched together.
             device: where q-nets score documents (default: the model's device). The model is not moved.
+            backend: for a sharded index: ``'local'`` (default), ``'ray'``, or a Ray address (``'ray://head:10001'``).
+            ray_options: Ray actor options: ``num_cpus`` (default 1), ``num_gpus`` (default 0), ``max_restarts``
+                and ``max_task_retries`` (default 3 each).
+            score_block: exhaustive mode: documents per q-net scoring call (default: 1,024 on CPU, 4,096 on GPU).
             verbose: show a progress bar over the queries.
 
         Raises:
             ValueError: on a bad parameter or an unavailable device.
             TypeError: when ``model`` is neither a Hypencoder nor the name of one.
-            HypencoderIndexError: (a ValueError) when the index is incomplete or corrupt, or does not match the model.
+            HypencoderIndexError: (a ValueError) when the index (or one of its shards) is incomplete or corrupt, or
+                does not match the model.
 
         An index rebuilt in place while the retriever exists (``overwrite=True``) is noticed at the next query:
         the retriever checks it against the model again and searches the new documents.
@@ -122,9 +108,15 @@ class HypencoderRetriever(pt.Transformer):
         check_int('batch_size', batch_size)
         if not isinstance(early_stopping, (bool, np.bool_)):
             raise ValueError(f'early_stopping must be True or False; got {early_stopping!r}')
+        if score_block is not None:
+            check_int('score_block', score_block)
         self.device = check_device(device)
         self.model = load_model(model, device=device, user='HypencoderRetriever')
-        self.index = _load_index(index)
+        self.index = load_index(index)
+        check_backend(self.index, backend)
+        self.score_block = score_block
+        self._backend = (backend, ray_options)
+        self._shards = None
         self.mode = mode
         self._load_index_files()
         self.num_results = int(num_results)
@@ -139,14 +131,28 @@ class HypencoderRetriever(pt.Transformer):
     def _load_index_files(self) -> None:
         """Checks the index against the model and opens what searches read; again after a rebuild of the index."""
         self._generation = self.index.generation()
+        self._vectors = None
+        if isinstance(self.index, ShardedIndexFiles):
+            # every shard opened now: a missing or damaged one fails here, not in the middle of an experiment
+            self.index.validate(graph=self.mode == 'graph')
+            self.index.check_model(self.model)
+            self._edges = None
+            if self._shards is not None:
+                self._shards.close()  # a rebuilt sharded index: new shards, new actors
+            backend, ray_options = self._backend
+            if backend not in (None, 'local'):
+                ray_options = dict(ray_options or {}, graph=self.mode == 'graph')
+            self._shards = open_shards(self.index, backend, self.search_device, self.model.dtype, ray_options)
+            return
         self.index.check_model(self.model)
         self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not after the first search
         # a memory map, read as the walk needs it; raises, explaining how to build a graph, if there is none
         self._edges = self.index.graph_edges() if self.mode == 'graph' else None
-        self._vectors = None
 
     def __repr__(self) -> str:
         args = [repr(str(self.index.path)), f'num_results={self.num_results}', f'mode={self.mode!r}']
+        if self._shards is not None:
+            args.append(f'backend={self._shards!r}, shards={self.index.n_shards}')
         if self.mode == 'graph':
             # The walk samples at most the whole corpus; say so rather than show a sample it never takes.
             n_docs = len(self.index)
@@ -155,6 +161,12 @@ class HypencoderRetriever(pt.Transformer):
             args += [n_initial, f'n_candidates={self.n_candidates}', f'max_iter={self.max_iter}',
                      f'early_stopping={self.early_stopping}', f'seed={self.seed}']
         return f'HypencoderRetriever({", ".join(args)})'
+
+    def close(self) -> None:
+        """Releases a sharded index's backend: ends its Ray actors (they also end with the last reference to the
+        transformer). Does nothing for a single index. A closed transformer over a sharded index cannot search."""
+        if self._shards is not None:
+            self._shards.close()
 
     def fuse_rank_cutoff(self, k: int) -> Optional[HypencoderRetriever]:
         """``retriever % k`` as a retriever of ``k`` results, where that gives the same ranking.
@@ -181,9 +193,13 @@ class HypencoderRetriever(pt.Transformer):
         return self._vectors[1]
 
     def _search(self, qnets):
+        if self._shards is not None:
+            walk = {'n_initial': self.n_initial, 'n_candidates': self.n_candidates, 'max_iter': self.max_iter,
+                    'early_stopping': self.early_stopping, 'seed': self.seed}
+            return self._shards.search(qnets, self.num_results, self.mode, walk, self.score_block)
         vectors = self._search_vectors()
         if self.mode == 'exhaustive':
-            return exhaustive_search(qnets, vectors, self.num_results)
+            return exhaustive_search(qnets, vectors, self.num_results, block=self.score_block)
         scores, ids, _ = graph_search(qnets, vectors, self._edges, self.num_results,
                                       n_initial=self.n_initial, n_candidates=self.n_candidates, max_iter=self.max_iter,
                                       early_stopping=self.early_stopping, seed=self.seed)

@@ -6,14 +6,14 @@ Document vectors are rows of an ``[n, dim]`` array: a NumPy array or memory map 
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .qnet import QNets
+from .qnet import _SCORE_MIN_DOCS, QNets
 
-__all__ = ['exhaustive_search', 'graph_search', 'place_vectors']
+__all__ = ['exhaustive_search', 'graph_search', 'merge_topk', 'place_vectors', 'score_block']
 
 VectorsLike = Union[np.ndarray, torch.Tensor]
 
@@ -93,24 +93,73 @@ def place_vectors(vectors: np.ndarray, device: Union[str, torch.device], dtype: 
     return out
 
 
+def score_block(device: Union[str, torch.device]) -> int:
+    """Documents per q-net scoring step in exhaustive search on ``device`` (1,024 on CPU, 4,096 on a GPU).
+
+    Exhaustive search scores documents in fixed blocks of rows ``[j * block, (j + 1) * block)``, so a document's
+    score depends only on its block's rows and the query batch, not on the corpus size. A shard whose offset is
+    a multiple of the block therefore computes its documents' scores in the same GEMMs as the unsharded index,
+    bit for bit (see :class:`~pyterrier_hypencoder.sharded.ShardedIndexFiles`).
+    """
+    return _SCORE_MIN_DOCS.get(torch.device(device).type, _SCORE_MIN_DOCS['cpu'])
+
+
+def _order_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose descending order is the total order: score descending, then row ascending.
+
+    The float32 score's bits, made monotone as a signed integer, fill the high 32 bits, and ``2**32 - 1 - row``
+    the low ones, so ``topk`` over the keys never has to break a tie (torch.topk's tie order is unspecified).
+    Padding (id -1, score -inf) sorts after every real result.
+    """
+    bits = scores.float().contiguous().view(torch.int32).long()
+    bits = torch.where(bits < 0, bits ^ 0x7fffffff, bits)  # negative floats: larger magnitude -> smaller key
+    low = torch.where(ids >= 0, 0xffffffff - ids, torch.zeros_like(ids))
+    return (bits << 32) | low
+
+
+def merge_topk(scores: Sequence[torch.Tensor], ids: Sequence[torch.Tensor], k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The top ``k`` of several result lists per query, under the total order (score descending, then id ascending).
+
+    Exhaustive search merges its chunks with it and a sharded search its shards' results, so both rank a set of
+    (score, row) pairs the same way whatever the split: ties never depend on where a row was scored.
+
+    Args:
+        scores: ``[Q, k_i]`` float scores per part (any float dtype; compared as float32).
+        ids: ``[Q, k_i]`` int64 global row ids per part (below 2**32 - 1); -1 marks padding (score -inf).
+        k: results per query; at most the total width is returned.
+
+    Returns:
+        ``(scores, ids)``: float32 ``[Q, min(k, sum k_i)]`` and int64, best first, on the parts' device.
+    """
+    all_scores = torch.cat([s.float() for s in scores], dim=1)
+    all_ids = torch.cat(list(ids), dim=1)
+    width = min(int(k), all_scores.shape[1])
+    _, pos = torch.topk(_order_keys(all_scores, all_ids), width, dim=1)
+    return torch.gather(all_scores, 1, pos), torch.gather(all_ids, 1, pos)
+
+
 def default_chunk_size(n_queries: int, dim: int, itemsize: int = 4) -> int:
     """Documents per exhaustive-search step: about 128 MB of vectors and scores, at least 1024 documents."""
     return max(1024, _CHUNK_BYTES // (itemsize * (dim + n_queries)))
 
 
 @torch.no_grad()
-def exhaustive_search(qnets: QNets, vectors: VectorsLike, k: int, *, chunk_size: int = None,
+def exhaustive_search(qnets: QNets, vectors: VectorsLike, k: int, *, chunk_size: int = None, block: int = None,
                       verbose: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` documents for every q-net, scoring every document.
 
     Chunks of ``vectors`` are streamed through all q-nets at once, and a running top-``k`` is merged after each
-    chunk, so memory stays bounded whatever the corpus size and a memory-mapped index is read once per call.
+    chunk (:func:`merge_topk`: score descending, then row ascending, so ties are deterministic), so memory stays
+    bounded whatever the corpus size and a memory-mapped index is read once per call. Within a chunk, documents
+    are scored in fixed blocks of ``block`` rows counted from row 0, so a row's score does not depend on ``n``.
 
     Args:
         qnets: the q-nets of ``Q`` queries.
         vectors: ``[n, dim]`` document vectors (NumPy array, memory map, or tensor on any device).
         k: results per query; ``min(k, n)`` are returned.
-        chunk_size: documents per step (default: :func:`default_chunk_size`).
+        chunk_size: documents per step (default: :func:`default_chunk_size`); rounded down to a multiple of
+            ``block``.
+        block: documents per q-net scoring call (default: :func:`score_block` of the q-nets' device).
         verbose: show a progress bar over the chunks.
 
     Returns:
@@ -119,23 +168,26 @@ def exhaustive_search(qnets: QNets, vectors: VectorsLike, k: int, *, chunk_size:
     check_int('k (the number of results)', k)
     n = _check_vectors(qnets, vectors)
     n_queries = len(qnets)
+    if block is None:
+        block = score_block(qnets.device)
+    check_int('block', block)
     if chunk_size is None:
         chunk_size = default_chunk_size(n_queries, qnets.dim, torch.finfo(qnets.dtype).bits // 8)
     if chunk_size < 1:
         raise ValueError(f'chunk_size must be >= 1; got {chunk_size}')
+    chunk_size = max(block, chunk_size - chunk_size % block)
     k = min(int(k), n)
     device = qnets.device
-    best_scores = torch.empty(n_queries, 0, device=device, dtype=qnets.dtype)
+    best_scores = torch.empty(n_queries, 0, device=device, dtype=torch.float32)
     best_ids = torch.empty(n_queries, 0, device=device, dtype=torch.long)
     starts = range(0, n, chunk_size)
     for start in _progress(starts, verbose, len(starts), 'exhaustive search', 'chunk'):
         stop = min(start + chunk_size, n)
-        scores = torch.cat([best_scores, qnets.score(_rows(qnets, vectors, start, stop))], dim=1)
-        ids = torch.cat([best_ids, torch.arange(start, stop, device=device).expand(n_queries, -1)], dim=1)
+        scores = qnets.score(_rows(qnets, vectors, start, stop), chunk_size=block)
+        ids = torch.arange(start, stop, device=device).expand(n_queries, -1)
         # A chunk may be smaller than k (the last one, or a small corpus): keep whatever there is.
-        best_scores, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-        best_ids = torch.gather(ids, 1, pos)
-    return best_scores.float().cpu(), best_ids.cpu()
+        best_scores, best_ids = merge_topk([best_scores, scores], [best_ids, ids], k)
+    return best_scores.cpu(), best_ids.cpu()
 
 
 def _score_padded(qnets: QNets, vectors: VectorsLike, ids: np.ndarray, valid: np.ndarray) -> torch.Tensor:
@@ -223,7 +275,11 @@ def graph_search(qnets: QNets, vectors: VectorsLike, edges: np.ndarray, k: int, 
     parts = [_walk(qnets[s:s + group], vectors, edges, sample, sample_scores[s:s + group], k, n_candidates, max_iter,
                    early_stopping, verbose)
              for s in range(0, len(qnets), group)]
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+    scores, ids, n_scored = (torch.cat([p[i] for p in parts]) for i in range(3))
+    # The results in the total order of exhaustive search (score descending, then row), so tied documents come
+    # out in the same order whichever search found them.
+    scores, ids = merge_topk([scores], [ids], k)
+    return scores, ids, n_scored
 
 
 def _top(scores: torch.Tensor, ids: np.ndarray, k: int) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:

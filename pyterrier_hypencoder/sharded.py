@@ -1,0 +1,439 @@
+"""A sharded Hypencoder index: a manifest and N ordinary index folders over contiguous row ranges, and its search.
+
+Layout of ``path/``: ``shard-000/``, ``shard-001/``, ... (each a complete single index, with its own vectors,
+docnos and neighbour graph over its own rows) and ``pt_meta.json``, the manifest, written last: the model, dtype,
+vector size, and each shard's folder, ``offset`` and ``count``. A document's global row is its shard's offset plus
+its row in the shard, so the pure search functions of :mod:`~pyterrier_hypencoder.search` run unchanged per shard
+and only :func:`~pyterrier_hypencoder.search.merge_topk` joins their results.
+
+Scores are bit-identical to the unsharded index's when every shard offset is a multiple of the exhaustive-search
+block (:func:`~pyterrier_hypencoder.search.score_block`: 1,024 documents on CPU, 4,096 on GPU), as every document
+is then scored in the same GEMM, of the same shape, on both sides (given the same BLAS thread count: Ray actors
+with fewer threads than the driver may round differently, within the bound below); :func:`split_index` and the
+sharded indexer align shards to ``align=4096`` documents by default for this reason. Unaligned shards score each document in
+a differently shaped GEMM, which may round differently: scores then agree within fp32 rounding of the q-net
+(``depth * width * 2**-24`` relative to the query's score scale), and rankings agree except between documents
+whose scores differ by less than that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyterrier as pt
+import pyterrier_alpha as pta
+import torch
+from npids import Lookup
+
+from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, _file_stamp, write_graph
+from .optional import require
+from .search import check_int, exhaustive_search, graph_search, merge_topk, place_vectors
+
+__all__ = ['ShardedIndexFiles', 'LocalShards', 'open_shards', 'search_shard', 'shard_sizes', 'split_index']
+
+
+def _shard_dirname(i: int) -> str:
+    return f'shard-{i:03d}'
+
+
+class ShardedIndexFiles(pta.Artifact):
+    """The files of a sharded Hypencoder index (see the module docstring); users hold its subclass
+    :class:`pyterrier_hypencoder.ShardedHypencoderIndex`, which adds the ``retriever()`` / ``reranker()`` hand-outs.
+    """
+    ARTIFACT_TYPE = 'sharded_index'
+    ARTIFACT_FORMAT = 'hypencoder'
+    ARTIFACT_PACKAGE_HINT = 'pyterrier-hypencoder'
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        """
+        Args:
+            path: the sharded index folder (a relative path is resolved against the working directory now).
+        """
+        super().__init__(Path(os.fspath(path)).expanduser().absolute())
+        self._generation = 0
+        self._stamp = None
+
+    def __repr__(self) -> str:
+        if not self.built():
+            return f'ShardedHypencoderIndex({str(self.path)!r}, not built)'
+        counts = [s['count'] for s in self.meta['shards']]
+        return (f'ShardedHypencoderIndex({str(self.path)!r}, {len(self)} docs in {len(counts)} shards {counts}, '
+                f'dim={self.dim}, {self.meta["dtype"]})')
+
+    def built(self) -> bool:
+        """True when the index is complete (its manifest, written last, exists)."""
+        return (self.path / 'pt_meta.json').exists()
+
+    @cached_property
+    def meta(self) -> Dict[str, Any]:
+        """The manifest, checked for consistency (the shard folders themselves are checked by :meth:`validate`)."""
+        meta_path = self.path / 'pt_meta.json'
+        if not meta_path.exists():
+            raise HypencoderIndexError(f'no complete sharded Hypencoder index at {self.path} (pt_meta.json is missing, so '
+                                       'it was never built or its build was interrupted); build it again')
+        try:
+            self._stamp = _file_stamp(meta_path)
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise HypencoderIndexError(f'{meta_path} is corrupt ({e}); rebuild the sharded index') from None
+        if not isinstance(meta, dict) or meta.get('type') != self.ARTIFACT_TYPE or meta.get('format') != self.ARTIFACT_FORMAT:
+            raise HypencoderIndexError(f'{meta_path} is not the manifest of a sharded Hypencoder index')
+        shards = meta.get('shards')
+        ok = isinstance(shards, list) and shards and all(isinstance(s, dict) and {'path', 'offset', 'count'} <= set(s)
+                                                         for s in shards)
+        if not ok or meta.get('dtype') not in _VEC_FILES or 'vec_size' not in meta or 'doc_count' not in meta:
+            raise HypencoderIndexError(f'{meta_path} is corrupt (no shard list, or no dtype/vec_size/doc_count); rebuild '
+                                       'the sharded index')
+        offset = 0
+        for i, s in enumerate(shards):
+            if s['offset'] != offset or s['count'] < 1:
+                raise HypencoderIndexError(f'{meta_path} is corrupt: shard {i} starts at row {s["offset"]}, not {offset} '
+                                           '(shards must hold contiguous row ranges); rebuild the sharded index')
+            offset += s['count']
+        if offset != meta['doc_count']:
+            raise HypencoderIndexError(f'{meta_path} is corrupt: its shards hold {offset} documents, not doc_count='
+                                       f'{meta["doc_count"]}; rebuild the sharded index')
+        return meta
+
+    def generation(self) -> int:
+        """A number that changes when the sharded index was rebuilt since it was read (as for a single index).
+
+        Raises:
+            HypencoderIndexError: when the folder was deleted (or left incomplete) since it was read.
+        """
+        if self._stamp is not None:
+            try:
+                current = _file_stamp(self.path / 'pt_meta.json')
+            except FileNotFoundError:
+                raise HypencoderIndexError(f'the sharded index {self.path} was deleted (or is being replaced) while in '
+                                           'use; rebuild it, or make a new retriever once it is back') from None
+            if current != self._stamp:
+                for name in ('meta', '_shards'):
+                    self.__dict__.pop(name, None)
+                self._stamp = None
+                self._generation += 1
+        return self._generation
+
+    def __len__(self) -> int:
+        return self.meta['doc_count']
+
+    @property
+    def dim(self) -> int:
+        """Size of the stored document vectors."""
+        return self.meta['vec_size']
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.meta['shards'])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """``[n_shards + 1]`` row boundaries: shard ``i`` holds global rows ``offsets[i]:offsets[i + 1]``."""
+        counts = [s['count'] for s in self.meta['shards']]
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def shard_path(self, i: int) -> Path:
+        return self.path / self.meta['shards'][i]['path']
+
+    @cached_property
+    def _shards(self) -> List[HypencoderIndexFiles]:
+        return [HypencoderIndexFiles(self.shard_path(i)) for i in range(self.n_shards)]
+
+    def shard(self, i: int) -> HypencoderIndexFiles:
+        """Shard ``i`` as a single index (its rows are local: global row = ``offsets[i]`` + local row)."""
+        return self._shards[i]
+
+    def validate(self, graph: bool = False) -> None:
+        """Opens every shard and checks it against the manifest, so a missing or damaged shard fails now.
+
+        Args:
+            graph: also require each shard's neighbour graph (for graph-mode search).
+
+        Raises:
+            HypencoderIndexError: naming the shard, its folder and the problem.
+        """
+        meta = self.meta
+        for i, entry in enumerate(meta['shards']):
+            shard = self.shard(i)
+            try:
+                smeta = shard.meta
+                shard.docnos  # noqa: B018 -- reads the docno codecs, so a damaged file fails here
+                if graph:
+                    shard.graph_edges()
+            except HypencoderIndexError as e:
+                raise HypencoderIndexError(f'shard {i} of {self.path} is damaged: {e}') from None
+            mine = (smeta['doc_count'], smeta['vec_size'], smeta['dtype'])
+            want = (entry['count'], meta['vec_size'], meta['dtype'])
+            if mine != want:
+                raise HypencoderIndexError(f'shard {i} ({shard.path}) holds {mine[0]} x {mine[1]} {mine[2]} vectors but '
+                                           f'the manifest says {want[0]} x {want[1]} {want[2]}: it was replaced or '
+                                           'damaged; rebuild the sharded index')
+
+    def check_model(self, model) -> None:
+        """Checks that ``model`` encodes documents like the model that built the shards (see the single index)."""
+        self.shard(0).check_model(model)
+
+    def has_graph(self) -> bool:
+        """True when every shard holds a neighbour graph."""
+        return all(self.shard(i).has_graph() for i in range(self.n_shards))
+
+    def locate(self, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """``(shard number, local row)`` of each global row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, rows, side='right') - 1
+        return shard, rows - self.offsets[shard]
+
+    def find_rows(self, docnos: Sequence[str]) -> np.ndarray:
+        """Global rows of ``docnos`` (-1 where absent): each docno is looked up shard by shard."""
+        docnos = [str(d) for d in docnos]
+        rows = np.full(len(docnos), -1, dtype=np.int64)
+        for i in range(self.n_shards):
+            todo = np.nonzero(rows < 0)[0]
+            if len(todo) == 0:
+                break
+            local = self.shard(i).find_rows([docnos[j] for j in todo])
+            hit = local >= 0
+            rows[todo[hit]] = local[hit] + self.offsets[i]
+        return rows
+
+    def rows(self, docnos: Sequence[str]) -> np.ndarray:
+        """Global row ids of ``docnos``.
+
+        Raises:
+            KeyError: naming the docnos that are in no shard.
+        """
+        docnos = [str(d) for d in docnos]
+        rows = self.find_rows(docnos)
+        if (rows < 0).any():
+            unknown = [d for d, r in zip(docnos, rows) if r < 0]
+            raise KeyError(f'{len(unknown)} docno(s) are not in the sharded index {self.path}, e.g. {unknown[:5]}')
+        return rows
+
+    @property
+    def docnos(self) -> _ShardedDocnos:
+        """Docnos of global rows: ``index.docnos.fwd[rows]``, as for a single index."""
+        return _ShardedDocnos(self)
+
+
+class _ShardedDocnos:
+    """``.fwd[global rows]`` over the shards' docno lookups (the part of ``npids.Lookup`` the transformers use)."""
+
+    def __init__(self, index: ShardedIndexFiles):
+        self.index = index
+        self.fwd = self
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        shard, local = self.index.locate(rows.reshape(-1))
+        out = np.empty(len(local), dtype=object)
+        for i in np.unique(shard):
+            sel = np.nonzero(shard == i)[0]
+            out[sel] = self.index.shard(int(i)).docnos.fwd[local[sel]]
+        return out.reshape(rows.shape)
+
+
+def search_shard(shard: HypencoderIndexFiles, vectors, qnets, k: int, offset: int, mode: str, walk: Dict[str, Any],
+                 block: Optional[int], shard_no: int, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One shard's top-``k`` with global row ids (-1 padding), on the CPU: what each backend runs per shard.
+
+    Graph mode walks the shard's own graph with its share of the initial sample (``n_initial * count / total``,
+    at least 1) and the seed ``seed + shard_no``; see :class:`~pyterrier_hypencoder.retriever.HypencoderRetriever`.
+    """
+    if mode == 'exhaustive':
+        scores, ids = exhaustive_search(qnets, vectors, k, block=block)
+    else:
+        n = len(shard)
+        n_initial = max(1, -(-walk['n_initial'] * n // total))
+        scores, ids, _ = graph_search(qnets, vectors, shard.graph_edges(), k, n_initial=n_initial,
+                                      n_candidates=walk['n_candidates'], max_iter=walk['max_iter'],
+                                      early_stopping=walk['early_stopping'], seed=walk['seed'] + shard_no)
+    return scores, torch.where(ids >= 0, ids + offset, ids)
+
+
+class LocalShards:
+    """The in-process backend: the shards searched one after another in this process (the reference in tests)."""
+
+    def __init__(self, index: ShardedIndexFiles, device: torch.device, dtype: torch.dtype):
+        self.index = index
+        self.device = device
+        self.dtype = dtype
+        self._vectors: Optional[list] = None
+
+    def __repr__(self) -> str:
+        return 'local'
+
+    def _placed(self) -> list:
+        # Placed once (a GPU copy per shard when they fit), as the unsharded retriever does.
+        if self._vectors is None:
+            self._vectors = [place_vectors(self.index.shard(i).vectors(), self.device, self.dtype)
+                             for i in range(self.index.n_shards)]
+        return self._vectors
+
+    def search(self, qnets, k: int, mode: str, walk: Dict[str, Any], block: Optional[int]):
+        offsets, vectors = self.index.offsets, self._placed()
+        parts = [search_shard(self.index.shard(i), vectors[i], qnets, k, int(offsets[i]), mode, walk, block, i,
+                              len(self.index)) for i in range(self.index.n_shards)]
+        return merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+
+    def close(self) -> None:
+        """Drops the placed vectors (GPU copies); the next search places them again."""
+        self._vectors = None
+
+    def vectors(self, rows: np.ndarray) -> torch.Tensor:
+        """The stored vectors of global ``rows``, in that order."""
+        shard, local = self.index.locate(rows)
+        out = np.empty((len(rows), self.index.dim), dtype=self.index.meta['dtype'])
+        for i in np.unique(shard):
+            sel = np.nonzero(shard == i)[0]
+            out[sel] = self.index.shard(int(i)).vectors()[local[sel]]
+        return torch.from_numpy(out)
+
+
+def open_shards(index: ShardedIndexFiles, backend: Optional[str], device: torch.device, dtype: torch.dtype,
+                ray_options: Optional[Dict[str, Any]] = None):
+    """The search backend for ``index``: ``'local'`` (or None), ``'ray'``, or a Ray address such as ``'ray://head:10001'``."""
+    if backend in (None, 'local'):
+        if ray_options:
+            raise ValueError(f'ray_options {sorted(ray_options)} need backend="ray" (or a Ray address)')
+        return LocalShards(index, device, dtype)
+    require('ray', purpose=f'backend={backend!r}')
+    from .ray_backend import RayShards  # only here, so the package imports without Ray
+    return RayShards(index, None if backend == 'ray' else backend, device, dtype, **(ray_options or {}))
+
+
+def shard_sizes(n: int, n_shards: Optional[int] = None, shard_size: Optional[int] = None, align: int = 4096) -> List[int]:
+    """Documents per shard for ``n`` documents: ``n_shards`` shards, or shards of ``shard_size`` documents.
+
+    Every shard but the last holds a multiple of ``align`` documents (so scores stay bit-identical to one index,
+    see the module docstring); the last holds the rest, at least 2 (a remainder of 1 joins the shard before it).
+
+    Raises:
+        ValueError: when both or neither of ``n_shards`` / ``shard_size`` are given, or the split is impossible.
+    """
+    if (n_shards is None) == (shard_size is None):
+        raise ValueError('give exactly one of n_shards (how many shards) or shard_size (documents per shard)')
+    check_int('align', align)
+    if n_shards is not None:
+        check_int('n_shards', n_shards)
+        per_shard = -(-n // n_shards)  # ceil
+        shard_size = -(-per_shard // align) * align  # rounded up to a multiple of align
+    check_int('shard_size', shard_size, 2)
+    sizes = [min(shard_size, n - start) for start in range(0, n, shard_size)]
+    if len(sizes) > 1 and sizes[-1] < 2:
+        last = sizes.pop()
+        sizes[-1] += last
+    if n_shards is not None and len(sizes) != n_shards:
+        raise ValueError(f'{n} documents do not make {n_shards} shards aligned to {align} documents (that gives '
+                         f'{len(sizes)}); pass a smaller align (e.g. align=1, giving up bit-identical scores) or fewer shards')
+    return sizes
+
+
+def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int] = None, shard_size: Optional[int] = None,
+                sizes: Optional[Sequence[int]] = None, align: int = 4096, graph: bool = True, overwrite: bool = False,
+                verbose: bool = False):
+    """Splits a single index into a sharded one without re-encoding: vectors and docnos are copied by row range.
+
+    Each shard's neighbour graph is rebuilt over the shard's own rows (with the source's k and method), not cut
+    out of the source graph: a cut graph would lose every edge to another shard, leaving documents near shard
+    boundaries with fewer than k neighbours, which the fixed-width ``np_topk`` layout cannot hold.
+
+    Args:
+        index: a :class:`~pyterrier_hypencoder.HypencoderIndex` or its path.
+        path: the sharded index folder to create.
+        n_shards, shard_size, align: how to cut the rows (see :func:`shard_sizes`).
+        sizes: explicit documents per shard, in row order (instead of ``n_shards`` / ``shard_size``).
+        graph: rebuild each shard's graph when the source has one; False gives shards for exhaustive search only.
+        overwrite: replace an existing folder at ``path``.
+        verbose: show progress of the graph builds.
+
+    Returns:
+        The :class:`~pyterrier_hypencoder.ShardedHypencoderIndex`.
+    """
+    if isinstance(index, ShardedIndexFiles):
+        raise TypeError(f'split_index splits a single HypencoderIndex; {index.path} is already sharded')
+    # a path to a sharded index fails in HypencoderIndexFiles.meta, naming what the folder holds
+    source = index if isinstance(index, HypencoderIndexFiles) else HypencoderIndexFiles(index)
+    n = len(source)
+    if sizes is None:
+        sizes = shard_sizes(n, n_shards, shard_size, align)
+    sizes = [int(s) for s in sizes]
+    if sum(sizes) != n or min(sizes) < 2:
+        raise ValueError(f'sizes {sizes} must be at least 2 each and add up to the index size {n}')
+    smeta, offsets = source.meta, np.concatenate([[0], np.cumsum(sizes)])
+    graph = smeta.get('graph') if graph else None
+    with building(Path(path), overwrite) as tmp:
+        for i, count in enumerate(sizes):
+            folder = tmp / _shard_dirname(i)
+            folder.mkdir()
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            vec_file = folder / _VEC_FILES[smeta['dtype']]
+            with open(vec_file, 'wb') as f:
+                for start in range(lo, hi, 1 << 16):
+                    f.write(np.ascontiguousarray(source.vectors()[start:min(start + (1 << 16), hi)]).tobytes())
+            with Lookup.builder(folder / 'docnos.npids') as builder:
+                for start in range(lo, hi, 1 << 16):
+                    for d in source.docnos.fwd[np.arange(start, min(start + (1 << 16), hi))]:
+                        builder.add(str(d))
+            meta = dict(smeta, doc_count=count, graph=None)
+            if graph:
+                vecs = np.memmap(vec_file, mode='r', dtype=smeta['dtype'], shape=(count, smeta['vec_size']))
+                meta['graph'] = write_graph(vecs, folder, graph['k'], graph.get('method') or 'auto', verbose)
+            with open(folder / 'pt_meta.json', 'w') as f:
+                json.dump(meta, f, indent=1)
+        write_manifest(tmp, smeta, sizes)
+    return pt.Artifact.load(str(path))
+
+
+def write_manifest(folder: Path, shard_meta: Dict[str, Any], sizes: Sequence[int]) -> None:
+    """Writes the manifest (last: a folder without one never loads) from a shard's metadata and the shard sizes."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+    meta = {
+        'type': ShardedIndexFiles.ARTIFACT_TYPE, 'format': ShardedIndexFiles.ARTIFACT_FORMAT,
+        'package_hint': ShardedIndexFiles.ARTIFACT_PACKAGE_HINT,
+        **{key: shard_meta.get(key) for key in ('model', 'vec_size', 'dtype', 'pooling', 'doc_max_length', 'text_field')},
+        'doc_count': int(sum(sizes)),
+        'shards': [{'path': _shard_dirname(i), 'offset': offsets[i], 'count': int(c)} for i, c in enumerate(sizes)],
+    }
+    with open(folder / 'pt_meta.json', 'w') as f:
+        json.dump(meta, f, indent=1)
+
+
+class building:
+    """Context manager: a hidden sibling of ``path`` to build in, moved into place only when the block succeeds."""
+
+    def __init__(self, path: Path, overwrite: bool):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f'{path} already exists; pass overwrite=True to replace it, or choose another path')
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for stale in path.parent.glob(f'.{path.name}.building-*'):  # partial folders of earlier, killed builds
+                shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = path.parent / f'.{path.name}.building-{uuid.uuid4().hex[:8]}'
+
+    def __enter__(self) -> Path:
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                old = None
+                if self.path.exists():
+                    old = self.path.parent / f'.{self.path.name}.old-{uuid.uuid4().hex[:8]}'
+                    os.rename(self.path, old)
+                os.rename(self.tmp, self.path)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
