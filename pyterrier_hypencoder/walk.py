@@ -169,8 +169,8 @@ class _State:
         self.n_scored = np.zeros(n_queries, dtype=np.int64)
         self.n_inner = np.zeros(n_queries, dtype=np.int64)
         self.n_iter = np.zeros(n_queries, dtype=np.int64)
-        # Everything scored, for refitting the surrogates (only kept while refits remain).
-        self.all_ids, self.all_scores = [], []
+        # The last scores, for refitting the surrogates (only kept while refits remain).
+        self.all_scores = []
 
     def merge(self, rows: np.ndarray, ids: np.ndarray, scores: torch.Tensor, keep_all: bool) -> np.ndarray:
         """Adds newly scored documents (``ids``/``scores`` ``[len(rows), m]``, id -1 = padding) to rows ``rows``;
@@ -178,7 +178,6 @@ class _State:
         valid = ids >= 0
         self.n_scored[rows] += valid.sum(1)
         if keep_all:
-            self.all_ids.append((rows, ids))
             self.all_scores.append(scores)
         ef = self.scores.shape[1]
         rows_t = torch.from_numpy(rows)
@@ -220,14 +219,55 @@ def _score_new(qnets: QNets, vectors, state: _State, rows: np.ndarray, ids: np.n
     return state.merge(rows, ids, scores, keep_all)
 
 
+class _Normal:
+    """Per-query normal equations of the ridge fit, accumulated as documents are scored (no refit re-reads them).
+
+    Vectors are shifted by the sample mean (conditioning) and get a constant feature (the intercept, not penalised).
+    The penalty grows with each query's count, so it stays ``ridge`` times the mean eigenvalue of the covariance.
+    """
+
+    def __init__(self, x_sample: torch.Tensor, y_sample: torch.Tensor, ridge: float):
+        self.shift = x_sample.mean(0)
+        xa = self._augment(x_sample - self.shift)
+        self.gram = (xa.T @ xa).expand(len(y_sample), -1, -1).clone()  # [Q, d+1, d+1]
+        self.rhs = y_sample @ xa  # [Q, d+1]
+        self.count = torch.full((len(y_sample),), float(len(x_sample)))
+        d = x_sample.shape[1]
+        self.unit = ridge * float((x_sample - self.shift).pow(2).sum()) / (len(x_sample) * d) + 1e-9
+        self.penalty = torch.ones(d + 1)
+        self.penalty[-1] = 0
+
+    @staticmethod
+    def _augment(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> None:
+        """Adds ``x [Q, m, d]`` with scores ``y [Q, m]`` where ``valid``."""
+        xa = self._augment(x - self.shift) * valid.unsqueeze(-1)
+        self.gram += xa.transpose(1, 2) @ xa
+        self.rhs += (xa * torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)).sum(1)
+        self.count += valid.sum(1)
+
+    def solve(self) -> torch.Tensor:
+        """Surrogate vectors ``w [Q, d]`` (the intercept does not change a ranking)."""
+        system = self.gram + torch.diag_embed((self.unit * self.count)[:, None] * self.penalty + 1e-6)
+        coef = torch.cholesky_solve(self.rhs.unsqueeze(-1), torch.linalg.cholesky(system)).squeeze(-1)
+        return coef[:, :-1]
+
+
 def _surrogate_rounds(qnets, vectors, state, sample, sample_scores, n_entry, rounds, ridge, ip_index, stop, budget):
     """Fits the surrogates on the sample, then per round scores each surrogate's best ``n_entry`` unseen documents
     and refits on everything scored. With ``stop``, a query's rounds end once a round adds nothing to its top ``k``."""
     n_queries = len(qnets)
     rows = np.arange(n_queries)
     state.seen[:, sample] = True
-    state.merge(rows, np.broadcast_to(sample, sample_scores.shape).copy(), sample_scores, rounds > 1)
-    w, _ = fit_surrogates(_gather(qnets, vectors, sample).float().cpu(), sample_scores, ridge=ridge)
+    state.merge(rows, np.broadcast_to(sample, sample_scores.shape).copy(), sample_scores, False)
+    x_sample = _gather(qnets, vectors, sample).float().cpu()
+    if rounds > 1:
+        normal = _Normal(x_sample, sample_scores, ridge)
+        w = normal.solve()
+    else:
+        w, _ = fit_surrogates(x_sample, sample_scores, ridge=ridge)
     active = np.ones(n_queries, dtype=bool)
     for r in range(rounds if n_entry else 0):
         active &= state.n_scored < budget
@@ -240,17 +280,17 @@ def _surrogate_rounds(qnets, vectors, state, sample, sample_scores, n_entry, rou
         # The best documents each surrogate ranks that its query has not scored yet, within its budget.
         fresh &= np.cumsum(fresh, axis=1) <= np.minimum(n_entry, budget - state.n_scored)[:, None]
         owner, col = np.nonzero(fresh)
+        ids = _pad(owner, found[owner, col], n_queries)
         last = r == rounds - 1
-        entered = _score_new(qnets, vectors, state, rows, _pad(owner, found[owner, col], n_queries), not last)
+        entered = _score_new(qnets, vectors, state, rows, ids, not last)
         state.n_iter[active] += 1
         if stop:
             active &= entered > 0
         if last or not active.any():
             break
-        ids = np.concatenate([i for _, i in state.all_ids], axis=1)
-        x = _gather(qnets, vectors, np.maximum(ids, 0)).float().cpu()
-        w, _ = fit_surrogates(x, torch.cat(state.all_scores, dim=1), torch.from_numpy(ids >= 0), ridge=ridge)
-    state.all_ids, state.all_scores = [], []
+        normal.add(_gather(qnets, vectors, np.maximum(ids, 0)).float().cpu(), state.all_scores.pop(),
+                   torch.from_numpy(ids >= 0))
+        w = normal.solve()
 
 
 def _walk(qnets, vectors, edges, state, expand, max_scored, max_iter):
