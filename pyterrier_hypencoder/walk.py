@@ -111,7 +111,6 @@ def fit_surrogates(x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor
     """
     x = x.float()
     y = y.float()
-    d = x.shape[-1]
     if x.ndim == 2:
         mx, my = x.mean(0), y.mean(1, keepdim=True)
         xc, yc = x - mx, (y - my).T  # [m, d], [m, Q]

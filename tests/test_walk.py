@@ -2,10 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from test_search import brute_force, clustered, knn_graph, random_qnets, recall
 
 from pyterrier_hypencoder.walk import InnerProductIndex, adaptive_search, fit_surrogates, surrogate_search
-
-from test_search import brute_force, clustered, knn_graph, random_qnets, recall
 
 
 @pytest.fixture(scope='module')

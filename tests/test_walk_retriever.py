@@ -1,10 +1,9 @@
 """HypencoderRetriever's adaptive and surrogate modes on the small vaswani index of test_transformers."""
 import numpy as np
 import pytest
+from test_transformers import N_QUERIES, brute, index, plain_index, vaswani  # noqa: F401 -- fixtures
 
 from pyterrier_hypencoder.retriever import HypencoderRetriever
-
-from test_transformers import N_QUERIES, brute, index, plain_index, vaswani  # noqa: F401 -- fixtures
 
 
 def test_adaptive_mode(tiny_model, index, vaswani, brute):  # noqa: F811
