@@ -53,8 +53,11 @@ class WalkResult(NamedTuple):
 class InnerProductIndex:
     """Top documents by inner product with per-query surrogate vectors, over a corpus' document vectors.
 
-    A FAISS ``IndexFlatIP`` (exact; ``n`` inner products per query) or, with ``hnsw_m``, an ``IndexHNSWFlat``
-    (approximate; far fewer inner products on a large corpus). Build it once per corpus and pass it to every call.
+    Exact by default: one float32 GEMM over the corpus per search (``n`` inner products per query), which also
+    skips the documents a query has already scored, so a round asks for ``m`` documents, not ``m`` plus all seen
+    ones (FAISS's flat index would, and its heap over hundreds of results cost 10x the GEMM here). With ``hnsw_m``, a
+    FAISS ``IndexHNSWFlat`` (approximate; far fewer inner products on a large corpus, counted by FAISS). Build it once
+    per corpus and pass it to every call.
 
     Args:
         vectors: ``[n, dim]`` document vectors (NumPy array, memory map or tensor); copied as float32.
@@ -63,8 +66,6 @@ class InnerProductIndex:
     """
 
     def __init__(self, vectors: VectorsLike, hnsw_m: int = 0, ef_search: int = 256):
-        from .optional import require
-        faiss = require('faiss', purpose='the surrogate inner-product index')
         check_int('hnsw_m', hnsw_m, 0)
         check_int('ef_search', ef_search)
         x = vectors.detach().float().cpu().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors)
@@ -72,28 +73,44 @@ class InnerProductIndex:
         if x.ndim != 2 or len(x) == 0:
             raise ValueError(f'vectors must have shape [n_docs, dim] with n_docs >= 1; got {x.shape}')
         self.n, self.dim, self.hnsw, self.ef_search = x.shape[0], x.shape[1], bool(hnsw_m), int(ef_search)
-        self._faiss = faiss
         if hnsw_m:
-            self.index = faiss.IndexHNSWFlat(self.dim, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+            from .optional import require
+            self._faiss = require('faiss', purpose='the HNSW surrogate index')
+            self.index = self._faiss.IndexHNSWFlat(self.dim, int(hnsw_m), self._faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efSearch = int(ef_search)
+            self.index.add(x)
         else:
-            self.index = faiss.IndexFlatIP(self.dim)
-        self.index.add(x)
+            self.x = torch.from_numpy(x if x.flags.writeable else x.copy())
 
-    def search(self, queries: np.ndarray, m: int):
-        """Top ``m`` documents for each row of ``queries`` ``[Q, dim]``: ``(ids [Q, m], inner products per query)``."""
+    def search(self, queries: np.ndarray, m: int, seen: Optional[np.ndarray] = None):
+        """Top ``m`` documents per row of ``queries`` ``[Q, dim]`` that ``seen`` ``[Q, n]`` (bool) does not mark.
+
+        Returns:
+            ``(ids [Q, m'], inner products per query)``; ids are -1 where fewer documents qualify.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        m = min(int(m), self.n)
         if self.hnsw:
+            extra = 0 if seen is None else int(seen.sum(1).max())
+            k = min(int(m) + extra, self.n)
             stats = self._faiss.cvar.hnsw_stats
             stats.reset()
-            self.index.hnsw.efSearch = max(self.ef_search, m)
-            _, ids = self.index.search(queries, m)
-            per_query = int(np.ceil(stats.ndis / max(1, len(queries))))
-        else:
-            _, ids = self.index.search(queries, m)
-            per_query = self.n
-        return ids.astype(np.int64), per_query
+            self.index.hnsw.efSearch = max(self.ef_search, k)
+            _, ids = self.index.search(queries, k)
+            ids = ids.astype(np.int64)
+            if seen is not None:
+                fresh = (ids >= 0) & ~np.take_along_axis(seen, np.maximum(ids, 0), axis=1)
+                keep = fresh & (np.cumsum(fresh, axis=1) <= m)
+                ids = np.where(keep, ids, -1)
+                order = np.argsort(~keep, axis=1, kind='stable')[:, :m]  # kept ones first, in rank order
+                ids = np.take_along_axis(ids, order, axis=1)
+            return ids, int(np.ceil(stats.ndis / max(1, len(queries))))
+        scores = torch.from_numpy(queries) @ self.x.T  # [Q, n]
+        if seen is not None:
+            scores[torch.from_numpy(seen)] = float('-inf')
+        top, ids = torch.topk(scores, min(int(m), self.n), dim=1)
+        ids = ids.numpy().astype(np.int64)
+        ids[~np.isfinite(top.numpy())] = -1
+        return ids, self.n
 
 
 def fit_surrogates(x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor] = None, ridge: float = 0.1):
@@ -235,6 +252,7 @@ class _Normal:
         self.unit = ridge * float((x_sample - self.shift).pow(2).sum()) / (len(x_sample) * d) + 1e-9
         self.penalty = torch.ones(d + 1)
         self.penalty[-1] = 0
+        self.coef = None
 
     @staticmethod
     def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -247,11 +265,40 @@ class _Normal:
         self.rhs += (xa * torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)).sum(1)
         self.count += valid.sum(1)
 
-    def solve(self) -> torch.Tensor:
-        """Surrogate vectors ``w [Q, d]`` (the intercept does not change a ranking)."""
-        system = self.gram + torch.diag_embed((self.unit * self.count)[:, None] * self.penalty + 1e-6)
-        coef = torch.cholesky_solve(self.rhs.unsqueeze(-1), torch.linalg.cholesky(system)).squeeze(-1)
-        return coef[:, :-1]
+    def solve(self, iterations: int = 8) -> torch.Tensor:
+        """Surrogate vectors ``w [Q, d]`` (the intercept does not change a ranking).
+
+        The first solve is exact (one Cholesky factorisation: every query shares the sample's Gram matrix); later
+        ones run a few Jacobi-preconditioned conjugate-gradient steps from the previous solution, since a round
+        changes the system little, and a batched Cholesky per round cost more than scoring the round's documents.
+        """
+        diag = (self.unit * self.count)[:, None] * self.penalty + 1e-6
+        if self.coef is None:
+            system = self.gram[0] + torch.diag(diag[0])
+            factor = torch.linalg.cholesky(system)
+            self.coef = torch.cholesky_solve(self.rhs.T, factor).T.contiguous()
+            return self.coef[:, :-1]
+
+        def apply(v):
+            return (self.gram @ v.unsqueeze(-1)).squeeze(-1) + diag * v
+
+        precond = 1 / (self.gram.diagonal(dim1=1, dim2=2) + diag)
+        x = self.coef
+        r = self.rhs - apply(x)
+        z = precond * r
+        p = z
+        rz = (r * z).sum(1, keepdim=True)
+        for _ in range(iterations):
+            ap = apply(p)
+            alpha = rz / (p * ap).sum(1, keepdim=True).clamp_min(1e-30)
+            x = x + alpha * p
+            r = r - alpha * ap
+            z = precond * r
+            rz_new = (r * z).sum(1, keepdim=True)
+            p = z + (rz_new / rz.clamp_min(1e-30)) * p
+            rz = rz_new
+        self.coef = x
+        return x[:, :-1]
 
 
 def _surrogate_rounds(qnets, vectors, state, sample, sample_scores, n_entry, rounds, ridge, ip_index, stop, budget):
@@ -272,10 +319,9 @@ def _surrogate_rounds(qnets, vectors, state, sample, sample_scores, n_entry, rou
         active &= state.n_scored < budget
         if not active.any():
             break
-        n_seen = int(state.n_scored.max())
-        found, per_query = ip_index.search(w.numpy(), n_entry + n_seen)
+        found, per_query = ip_index.search(w.numpy(), n_entry, state.seen)
         state.n_inner[active] += per_query
-        fresh = (found >= 0) & ~np.take_along_axis(state.seen, np.maximum(found, 0), axis=1) & active[:, None]
+        fresh = (found >= 0) & active[:, None]
         # The best documents each surrogate ranks that its query has not scored yet, within its budget.
         fresh &= np.cumsum(fresh, axis=1) <= np.minimum(n_entry, budget - state.n_scored)[:, None]
         owner, col = np.nonzero(fresh)
