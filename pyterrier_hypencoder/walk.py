@@ -396,7 +396,7 @@ def _run(qnets, vectors, edges, k, ef, n_sample, n_entry, rounds, stop, budget, 
     parts = []
     for s in range(0, len(qnets), group):
         sub = qnets[s:s + group]
-        state = _State(len(sub), n, k, ef)
+        state = _State(len(sub), n, k if stop is True or not stop else min(int(stop), k), ef)
         _surrogate_rounds(sub, vectors, state, sample, sample_scores[s:s + group], n_entry, rounds, ridge, ip_index,
                           stop, budget)
         if walk_args is not None:
@@ -443,8 +443,8 @@ def surrogate_search(qnets: QNets, vectors: VectorsLike, k: int, *, n_sample: in
 @torch.no_grad()
 def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarray], k: int, *, n_sample: int = 256,
                     n_entry: int = 128, max_rounds: int = 8, expand: int = 0, ef: Optional[int] = None,
-                    max_scored: Optional[int] = None, max_iter: int = 10000, ridge: float = 0.1, seed: int = 0,
-                    ip_index: Optional[InnerProductIndex] = None) -> WalkResult:
+                    max_scored: Optional[int] = None, max_iter: int = 10000, stop_k: Optional[int] = None,
+                    ridge: float = 0.1, seed: int = 0, ip_index: Optional[InnerProductIndex] = None) -> WalkResult:
     """Approximate top-``k``: rounds of refitted linear surrogates, then (optionally) a best-first graph walk.
 
     See the module docstring. Surrogate rounds end for a query when a round adds nothing to its top ``k``, after
@@ -465,6 +465,8 @@ def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarr
         ef: graph walk: size of the pool whose documents are expanded (default ``k``; at least ``k``).
         max_scored: budget of q-net evaluations per query; the sample is always scored (default: none).
         max_iter: graph walk: maximum number of expansion steps.
+        stop_k: the rounds stop once a round adds nothing to the top ``stop_k`` (default ``k``; at most ``k``):
+            e.g. 10 when only the first 10 of 100 results need to be exact.
         ridge: ridge penalty of the surrogate fit, relative to the mean eigenvalue of the Gram matrix.
         seed: seed of the random sample; results are deterministic given it.
         ip_index: an :class:`InnerProductIndex` over ``vectors`` (default: an exact one, built per call).
@@ -487,6 +489,8 @@ def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarr
         if edges is None or edges.ndim != 2 or edges.shape[0] != n:
             raise ValueError(f'edges must have shape [n_docs, neighbours] with n_docs={n} (one row per document vector)'
                              f'; got {None if edges is None else tuple(edges.shape)}: is the graph from another index?')
+    if stop_k is not None:
+        check_int('stop_k', stop_k)
     budget = _NO_BUDGET if max_scored is None else int(max_scored)
-    return _run(qnets, vectors, edges, k, ef, n_sample, n_entry, max_rounds, True, budget, ridge, seed, ip_index,
-                (int(expand), int(max_iter)) if expand else None)
+    return _run(qnets, vectors, edges, k, ef, n_sample, n_entry, max_rounds, stop_k or True, budget, ridge, seed,
+                ip_index, (int(expand), int(max_iter)) if expand else None)

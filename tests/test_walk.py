@@ -178,3 +178,13 @@ def test_shape_errors(corpus):
         adaptive_search(qnets, x[:100], edges[:100], 10, expand=4, ip_index=ip)
     with pytest.raises(ValueError, match='shape'):
         surrogate_search(random_qnets(2, (8, 8, 1)), x, 10, ip_index=ip)
+
+
+def test_stop_k_watches_a_shallower_top(corpus):
+    x, _, qnets, ip = corpus
+    deep = adaptive_search(qnets, x, None, 50, n_sample=40, n_entry=10, max_rounds=20, ip_index=ip)
+    shallow = adaptive_search(qnets, x, None, 50, n_sample=40, n_entry=10, max_rounds=20, stop_k=10, ip_index=ip)
+    assert (shallow.n_scored <= deep.n_scored).all() and (shallow.n_scored < deep.n_scored).any()
+    assert shallow.ids.shape == (len(qnets), 50)
+    with pytest.raises(ValueError, match='stop_k'):
+        adaptive_search(qnets, x, None, 50, stop_k=0, ip_index=ip)
