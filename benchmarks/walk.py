@@ -34,11 +34,12 @@ TARGETS = (0.95, 0.99)
 
 # method family -> list of settings (keyword arguments)
 SWEEPS = {
-    'algorithm1': [dict(n_initial=1000, n_candidates=16), dict(n_initial=4000, n_candidates=32)],
-    'surrogate': [dict(n_sample=s, n_entry=m) for s in (128, 256, 512) for m in (128, 256, 512)]
-    + [dict(n_sample=1024, n_entry=1024)],
-    'adaptive': [dict(n_sample=s, n_entry=m, max_rounds=32, stop_k=t)
-                 for s, m, t in ((64, 32, 10), (128, 32, 10), (128, 64, 10), (64, 32, 100), (128, 64, 100), (256, 64, 100))],
+    'algorithm1': [dict(n_initial=1000, n_candidates=16), dict(n_initial=4000, n_candidates=32),
+                   dict(n_initial=10000, n_candidates=64)],
+    'surrogate': [dict(n_sample=s, n_entry=m) for s in (128, 256, 512, 1024) for m in (128, 256, 512, 1024, 1536)],
+    'adaptive': [dict(n_sample=s, n_entry=m, max_rounds=32, stop_k=t) for t in (10, 20, 50, 100)
+                 for s, m in ((64, 32), (128, 64))] + [dict(n_sample=s, n_entry=m, max_rounds=32, stop_k=100)
+                                                       for s, m in ((128, 32), (256, 64))],
     'adaptive+walk': [dict(n_sample=128, n_entry=64, max_rounds=16, expand=4, ef=100)],
     'walk, surrogate entries': [dict(n_sample=128, n_entry=64, max_rounds=1, expand=4, ef=100)],
     'walk, random entries': [dict(n_sample=512, n_entry=0, max_rounds=0, expand=4, ef=100)],

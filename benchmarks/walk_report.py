@@ -93,10 +93,31 @@ def report(data):
     return '\n'.join(lines)
 
 
+def summary(data):
+    """One row per q-net, size and target: the three contenders' cheapest settings, in documents scored."""
+    lines = ['| q-net | docs | target | Algorithm 1 | surrogate baseline | adaptive | adaptive vs exhaustive '
+             '| adaptive vs baseline | time/doc vs exhaustive, batch 32 (adaptive; baseline) |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for model, per_size in data['models'].items():
+        for n in sorted(per_size, key=int):
+            rows = per_size[n]
+            us_ex = rows[0]['ms'] / rows[0]['docs']
+            for target in TARGETS:
+                best = {m: cheapest(rows, m, target) for m in ('algorithm1', 'surrogate', 'adaptive')}
+                cells = [f'{best[m]["docs"]:,.0f}' if best[m] else 'not reached' for m in best]
+                ada, base = best['adaptive'], best['surrogate']
+                fewer = f'{rows[0]["docs"] / ada["docs"]:.1f}x' if ada else '-'
+                vs = f'{base["docs"] / ada["docs"]:.2f}x' if ada and base else '-'
+                t = '; '.join(f'{r["ms"] / r["docs"] / us_ex:.1f}' if r else '-' for r in (ada, base))
+                lines.append(f'| {model} | {int(n):,} | {target} | ' + ' | '.join(cells) + f' | {fewer} | {vs} | {t} |')
+    return '\n'.join(lines)
+
+
 def plot(data, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     models = list(data['models'])
     sizes = sorted(data['models'][models[0]], key=int)
     fig, axes = plt.subplots(len(models), len(sizes), figsize=(4 * len(sizes), 3.2 * len(models)), squeeze=False)
@@ -115,6 +136,8 @@ def plot(data, path):
             ax.axhline(0.95, color='grey', lw=0.5, ls='--')
             ax.axhline(0.99, color='grey', lw=0.5, ls=':')
             ax.set_xscale('log')
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:,.0f}'))
             ax.set_ylim(0.5, 1.005)
             ax.set_title(f'{model}, {int(n):,} docs', fontsize=9)
             ax.set_xlabel('documents scored per query', fontsize=8)
@@ -129,6 +152,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('results', nargs='+')
     parser.add_argument('--plot', default=None, help='write the PNG here')
+    parser.add_argument('--summary', action='store_true', help='print only the one-table summary')
     args = parser.parse_args()
     merged = None
     for path in args.results:
@@ -139,6 +163,9 @@ def main():
             merged['models'].update(data['models'])
     print(f'{merged["queries"]} queries, k={merged["k"]}, {merged["threads"]} thread(s); corpus of '
           f'{merged["n_full"]:,} documents, nested random subsamples {merged["sizes"]}')
+    if args.summary:
+        print(summary(merged))
+        return
     print(report(merged))
     if args.plot:
         plot(merged, args.plot)
