@@ -196,7 +196,9 @@ def main():
                             best['ms_single'] = 1e3 * run(method, best['setting'], qnets[:args.latency_queries], x,
                                                           edges, ip, 1)[1] / args.latency_queries
             per_size[n] = rows
-        results['models'][name] = per_size
+            results['models'][name] = per_size
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1))  # partial results survive an interrupted run
     results['seconds'] = time.time() - started
     results['load_after'] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
