@@ -145,9 +145,12 @@ def main():
     parser.add_argument('--latency-queries', type=int, default=4)
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--cache', default='/work/cache/wt14/bench')
+    parser.add_argument('--sweep', default=None,
+                        help='JSON {method: [settings]} to run instead of the default sweeps (exhaustive always runs)')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'walk.json'))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sweeps = json.loads(args.sweep) if args.sweep else SWEEPS
     from pyterrier_hypencoder.walk import InnerProductIndex
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -179,7 +182,7 @@ def main():
                 rows.append(dict(method='exhaustive', setting={}, docs=float(n), docs_p95=float(n), inner=0.0,
                                  iters=0.0, ms=1e3 * secs / len(picked), ms_single=1e3 * alone / args.latency_queries,
                                  **quality(exact, exact, docnos, picked, rel)))
-                for method, settings in SWEEPS.items():
+                for method, settings in sweeps.items():
                     for setting in settings:
                         (ids, scored, inner, iters), secs = run(method, setting, qnets, x, edges, ip, 32)
                         rows.append(dict(method=method, setting=setting, docs=float(scored.mean()),
@@ -189,7 +192,7 @@ def main():
                         print(f'{name} n={n} {method} {setting}: R@10 {rows[-1]["recall@10"]:.3f} docs '
                               f'{rows[-1]["docs"]:.0f} {rows[-1]["ms"]:.1f} ms/q', flush=True)
                 # Single-query latency of each method's read-off settings.
-                for method in SWEEPS:
+                for method in sweeps:
                     for target in TARGETS:
                         best = cheapest(rows, method, target)
                         if best is not None and 'ms_single' not in best:

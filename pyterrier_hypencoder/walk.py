@@ -441,8 +441,8 @@ def surrogate_search(qnets: QNets, vectors: VectorsLike, k: int, *, n_sample: in
 
 
 @torch.no_grad()
-def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarray], k: int, *, n_sample: int = 256,
-                    n_entry: int = 128, max_rounds: int = 8, expand: int = 0, ef: Optional[int] = None,
+def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarray], k: int, *, n_sample: int = 128,
+                    n_entry: int = 64, max_rounds: int = 32, expand: int = 0, ef: Optional[int] = None,
                     max_scored: Optional[int] = None, max_iter: int = 10000, stop_k: Optional[int] = None,
                     ridge: float = 0.1, seed: int = 0, ip_index: Optional[InnerProductIndex] = None) -> WalkResult:
     """Approximate top-``k``: rounds of refitted linear surrogates, then (optionally) a best-first graph walk.
