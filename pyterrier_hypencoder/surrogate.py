@@ -39,7 +39,9 @@ class InnerProductIndex:
         self.n, self.dim, self.hnsw, self.ef_search = x.shape[0], x.shape[1], bool(hnsw_m), int(ef_search)
         if hnsw_m:
             from .optional import require
-            self._faiss = require('faiss', purpose='the HNSW surrogate index')
+            require('faiss', purpose='the HNSW surrogate index')
+            import faiss
+            self._faiss = faiss
             self.index = self._faiss.IndexHNSWFlat(self.dim, int(hnsw_m), self._faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efSearch = int(ef_search)
             self.index.add(x)
