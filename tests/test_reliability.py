@@ -313,7 +313,7 @@ def test_num_results_beyond_the_corpus(tiny_model, index, topics):
 
 
 @pytest.mark.parametrize('kwargs, match', [
-    ({'mode': 'foo'}, "mode must be one of \\('exhaustive', 'graph'\\); got 'foo'"),
+    ({'mode': 'foo'}, "mode must be one of \\('exhaustive', 'graph', 'adaptive', 'surrogate'\\); got 'foo'"),
     ({'n_initial': 1.5}, 'n_initial must be an integer >= 1; got 1.5'),
     ({'n_candidates': '8'}, "n_candidates must be an integer >= 1; got '8'"),
     ({'max_iter': None}, 'max_iter must be an integer >= 0; got None'),

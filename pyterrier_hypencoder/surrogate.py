@@ -1,0 +1,195 @@
+"""Linear surrogates of q-nets for the adaptive search: ridge fits, their incremental form, and inner-product search.
+
+Pure tensor / NumPy code (FAISS only for the optional HNSW index); see :mod:`pyterrier_hypencoder.walk`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .search import VectorsLike, check_int
+
+__all__ = ['InnerProductIndex', 'fit_surrogates']
+
+
+class InnerProductIndex:
+    """Top documents by inner product with per-query surrogate vectors, over a corpus' document vectors.
+
+    Exact by default: one float32 GEMM over the corpus per search (``n`` inner products per query), which also
+    skips the documents a query has already scored, so a round asks for ``m`` documents, not ``m`` plus all seen
+    ones (FAISS's flat index would, and its heap over hundreds of results cost 10x the GEMM here). With ``hnsw_m``, a
+    FAISS ``IndexHNSWFlat`` (approximate; far fewer inner products on a large corpus, counted by FAISS). Build it once
+    per corpus and pass it to every call.
+
+    Args:
+        vectors: ``[n, dim]`` document vectors (NumPy array, memory map or tensor); copied as float32.
+        hnsw_m: 0 for exact search, else the HNSW graph degree (e.g. 32).
+        ef_search: HNSW search beam (ignored for exact search).
+    """
+
+    def __init__(self, vectors: VectorsLike, hnsw_m: int = 0, ef_search: int = 256):
+        check_int('hnsw_m', hnsw_m, 0)
+        check_int('ef_search', ef_search)
+        x = vectors.detach().float().cpu().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or len(x) == 0:
+            raise ValueError(f'vectors must have shape [n_docs, dim] with n_docs >= 1; got {x.shape}')
+        self.n, self.dim, self.hnsw, self.ef_search = x.shape[0], x.shape[1], bool(hnsw_m), int(ef_search)
+        if hnsw_m:
+            from .optional import require
+            require('faiss', purpose='the HNSW surrogate index')
+            import faiss
+            self._faiss = faiss
+            self.index = self._faiss.IndexHNSWFlat(self.dim, int(hnsw_m), self._faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efSearch = int(ef_search)
+            self.index.add(x)
+        else:
+            self.x = torch.from_numpy(x if x.flags.writeable else x.copy())
+
+    def search(self, queries: np.ndarray, m: int, seen: Optional[np.ndarray] = None):
+        """Top ``m`` documents per row of ``queries`` ``[Q, dim]`` that ``seen`` ``[Q, n]`` (bool) does not mark.
+
+        Returns:
+            ``(ids [Q, m'], inner products per query)``; ids are -1 where fewer documents qualify.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.hnsw:
+            extra = 0 if seen is None else int(seen.sum(1).max())
+            k = min(int(m) + extra, self.n)
+            stats = self._faiss.cvar.hnsw_stats
+            stats.reset()
+            self.index.hnsw.efSearch = max(self.ef_search, k)
+            _, ids = self.index.search(queries, k)
+            ids = ids.astype(np.int64)
+            if seen is not None:
+                fresh = (ids >= 0) & ~np.take_along_axis(seen, np.maximum(ids, 0), axis=1)
+                keep = fresh & (np.cumsum(fresh, axis=1) <= m)
+                ids = np.where(keep, ids, -1)
+                order = np.argsort(~keep, axis=1, kind='stable')[:, :m]  # kept ones first, in rank order
+                ids = np.take_along_axis(ids, order, axis=1)
+            return ids, int(np.ceil(stats.ndis / max(1, len(queries))))
+        scores = torch.from_numpy(queries) @ self.x.T  # [Q, n]
+        if seen is not None:
+            scores[torch.from_numpy(seen)] = float('-inf')
+        top, ids = torch.topk(scores, min(int(m), self.n), dim=1)
+        ids = ids.numpy().astype(np.int64)
+        ids[~np.isfinite(top.numpy())] = -1
+        return ids, self.n
+
+
+def fit_surrogates(x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor] = None, ridge: float = 0.1):
+    """Per-query ridge regression of q-net scores on document vectors.
+
+    Args:
+        x: ``[m, d]`` documents shared by all queries (one factorisation serves them all), or ``[Q, m, d]`` one set
+            per query.
+        y: ``[Q, m]`` their q-net scores.
+        mask: ``[Q, m]`` bool, False for padding (per-query sets only).
+        ridge: penalty as a share of the mean eigenvalue of the centred ``x.T @ x`` (scale free).
+
+    Returns:
+        ``(w [Q, d], b [Q])``, float32, with ``score ~ x @ w + b``.
+    """
+    x = x.float()
+    y = y.float()
+    if x.ndim == 2:
+        mx, my = x.mean(0), y.mean(1, keepdim=True)
+        xc, yc = x - mx, (y - my).T  # [m, d], [m, Q]
+        w = _ridge_solve(xc.unsqueeze(0), yc.unsqueeze(0), ridge)[0].T
+        return w, my.squeeze(1) - w @ mx
+    weight = torch.ones_like(y) if mask is None else mask.float()
+    y = torch.where(weight > 0, y, torch.zeros_like(y))  # padding holds -inf
+    count = weight.sum(1, keepdim=True).clamp_min(1)
+    mx = (weight.unsqueeze(-1) * x).sum(1) / count
+    my = (weight * y).sum(1, keepdim=True) / count
+    # Padding rows become zero, so they add nothing to either Gram matrix.
+    xc = (x - mx.unsqueeze(1)) * weight.unsqueeze(-1)
+    yc = ((y - my) * weight).unsqueeze(-1)
+    w = _ridge_solve(xc, yc, ridge, pad=1 - weight).squeeze(-1)
+    return w, my.squeeze(1) - (w * mx).sum(1)
+
+
+def _ridge_solve(xc: torch.Tensor, yc: torch.Tensor, ridge: float, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(xc.T xc + lam I)^-1 xc.T yc`` per batch row (``xc [B, m, d]``, ``yc [B, m, r]``), by Cholesky."""
+    m, d = xc.shape[1], xc.shape[2]
+    if m <= d:
+        # Dual form: an [m, m] system instead of [d, d], with the same solution.
+        gram = xc @ xc.transpose(1, 2)
+        eye = torch.eye(m, dtype=xc.dtype)
+        lam = ridge * gram.diagonal(dim1=1, dim2=2).sum(1) / d + 1e-6
+        system = gram + lam[:, None, None] * eye
+        if pad is not None:  # zero padding rows: a one on the diagonal keeps the system regular, their weight zero
+            system = system + pad.unsqueeze(-1) * eye
+        return xc.transpose(1, 2) @ torch.cholesky_solve(yc, torch.linalg.cholesky(system))
+    gram = xc.transpose(1, 2) @ xc
+    lam = ridge * gram.diagonal(dim1=1, dim2=2).sum(1) / d + 1e-6
+    system = gram + lam[:, None, None] * torch.eye(d, dtype=xc.dtype)
+    return torch.cholesky_solve(xc.transpose(1, 2) @ yc, torch.linalg.cholesky(system))
+
+
+class _Normal:
+    """Per-query normal equations of the ridge fit, accumulated as documents are scored (no refit re-reads them).
+
+    Vectors are shifted by the sample mean (conditioning) and get a constant feature (the intercept, not penalised).
+    The penalty grows with each query's count, so it stays ``ridge`` times the mean eigenvalue of the covariance.
+    """
+
+    def __init__(self, x_sample: torch.Tensor, y_sample: torch.Tensor, ridge: float):
+        self.shift = x_sample.mean(0)
+        xa = self._augment(x_sample - self.shift)
+        self.gram = (xa.T @ xa).expand(len(y_sample), -1, -1).clone()  # [Q, d+1, d+1]
+        self.rhs = y_sample @ xa  # [Q, d+1]
+        self.count = torch.full((len(y_sample),), float(len(x_sample)))
+        d = x_sample.shape[1]
+        self.unit = ridge * float((x_sample - self.shift).pow(2).sum()) / (len(x_sample) * d) + 1e-9
+        self.penalty = torch.ones(d + 1)
+        self.penalty[-1] = 0
+        self.coef = None
+
+    @staticmethod
+    def _augment(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> None:
+        """Adds ``x [Q, m, d]`` with scores ``y [Q, m]`` where ``valid``."""
+        xa = self._augment(x - self.shift) * valid.unsqueeze(-1)
+        self.gram += xa.transpose(1, 2) @ xa
+        self.rhs += (xa * torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)).sum(1)
+        self.count += valid.sum(1)
+
+    def solve(self, iterations: int = 8) -> torch.Tensor:
+        """Surrogate vectors ``w [Q, d]`` (the intercept does not change a ranking).
+
+        The first solve is exact (one Cholesky factorisation: every query shares the sample's Gram matrix); later
+        ones run a few Jacobi-preconditioned conjugate-gradient steps from the previous solution, since a round
+        changes the system little, and a batched Cholesky per round cost more than scoring the round's documents.
+        """
+        diag = (self.unit * self.count)[:, None] * self.penalty + 1e-6
+        if self.coef is None:
+            system = self.gram[0] + torch.diag(diag[0])
+            factor = torch.linalg.cholesky(system)
+            self.coef = torch.cholesky_solve(self.rhs.T, factor).T.contiguous()
+            return self.coef[:, :-1]
+
+        def apply(v):
+            return (self.gram @ v.unsqueeze(-1)).squeeze(-1) + diag * v
+
+        precond = 1 / (self.gram.diagonal(dim1=1, dim2=2) + diag)
+        x = self.coef
+        r = self.rhs - apply(x)
+        z = precond * r
+        p = z
+        rz = (r * z).sum(1, keepdim=True)
+        for _ in range(iterations):
+            ap = apply(p)
+            alpha = rz / (p * ap).sum(1, keepdim=True).clamp_min(1e-30)
+            x = x + alpha * p
+            r = r - alpha * ap
+            z = precond * r
+            rz_new = (r * z).sum(1, keepdim=True)
+            p = z + (rz_new / rz.clamp_min(1e-30)) * p
+            rz = rz_new
+        self.coef = x
+        return x[:, :-1]
