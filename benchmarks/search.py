@@ -119,7 +119,7 @@ def document_encoder_key(model) -> str:
 
 def get_index(model, ds, rebuild: bool):
     """The cached index for this document encoder, built (and timed) when missing."""
-    from pyterrier_hypencoder.index import HypencoderIndex, HypencoderIndexer
+    from pyterrier_hypencoder import HypencoderIndex, HypencoderIndexer
     key = document_encoder_key(model)
     path = CACHE / f'{key}.hypencoder'
     info_path = CACHE / f'{key}.build.json'

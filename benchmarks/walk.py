@@ -48,7 +48,7 @@ SWEEPS = {
 
 def load_vectors(args) -> np.ndarray:
     if args.index:
-        from pyterrier_hypencoder.index import HypencoderIndex
+        from pyterrier_hypencoder import HypencoderIndex
         return np.asarray(HypencoderIndex(args.index).vectors(), dtype=np.float32)
     raw = np.memmap(args.vectors, dtype=np.float32, mode='r')
     n = min(args.limit or len(raw) // args.dim, len(raw) // args.dim)

@@ -1,7 +1,8 @@
 """PyTerrier plugin for Hypencoder retrieval (Killingback, Zeng and Zamani, SIGIR 2025)."""
 from .artifacts import HypencoderIndex, ShardedHypencoderIndex
 from .checkpoint import CheckpointError
-from .index import HypencoderIndexer, HypencoderIndexError
+from .index import HypencoderIndexError
+from .indexer import HypencoderIndexer
 from .model import Hypencoder
 from .qnet import QNets, QNetSpec
 from .reranker import HypencoderReranker

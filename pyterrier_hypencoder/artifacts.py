@@ -8,6 +8,7 @@ the ``pyterrier.artifact`` entry point, so ``pt.Artifact.load(path)`` returns th
 from __future__ import annotations
 
 from .index import HypencoderIndexFiles
+from .indexer import HypencoderIndexer
 from .reranker import HypencoderReranker
 from .retriever import HypencoderRetriever
 from .sharded import ShardedIndexFiles, split_index
@@ -37,6 +38,13 @@ class HypencoderIndex(_HandsOut, HypencoderIndexFiles):
         reranker = index.reranker(model)                    # rescoring with stored vectors
         sharded = index.split('scifact.sharded', n_shards=2)  # the same rows in 2 shards, not re-encoded
     """
+
+    def indexer(self, model, **kwargs) -> HypencoderIndexer:
+        """A :class:`~pyterrier_hypencoder.HypencoderIndexer` that builds this index with ``model`` (this object then
+        reads the new one)."""
+        indexer = HypencoderIndexer(model, self.path, **kwargs)
+        indexer._built_for = self
+        return indexer
 
     def split(self, path, **kwargs) -> ShardedHypencoderIndex:
         """This index cut into shards, without re-encoding; see :func:`~pyterrier_hypencoder.sharded.split_index`."""

@@ -20,7 +20,8 @@ import numpy as np
 import ray
 import torch
 
-from .index import HypencoderIndexer, HypencoderIndexError, HypencoderIndexFiles
+from .index import HypencoderIndexError, HypencoderIndexFiles
+from .indexer import HypencoderIndexer
 from .search import merge_topk, place_vectors
 from .sharded import ShardedIndexFiles, _shard_dirname, search_shard
 

@@ -31,7 +31,8 @@ import pyterrier_alpha as pta
 import torch
 from npids import Lookup
 
-from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, _file_stamp, write_graph
+from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, _file_stamp
+from .indexer import write_graph
 from .optional import require
 from .search import check_int, exhaustive_search, graph_search, merge_topk, place_vectors
 

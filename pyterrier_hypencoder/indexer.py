@@ -1,0 +1,319 @@
+"""HypencoderIndexer: encodes documents into a :class:`~pyterrier_hypencoder.HypencoderIndex` folder.
+
+Vectors and docnos are streamed to a temporary sibling folder, the neighbour graph is built over the vectors, and
+the folder is moved into place with its ``pt_meta.json`` written last, so an interrupted build leaves nothing that
+loads.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import torch
+from npids import Lookup
+
+from .graph import METHODS, build_knn_graph
+from .index import _PROBE_TEXT, _VEC_FILES, HypencoderIndexFiles, _graph_dirname
+from .model import default_device, load_model
+
+__all__ = ['HypencoderIndexer', 'write_graph']
+
+
+class HypencoderIndexer(pt.Indexer):
+    """Encodes documents with a Hypencoder, streams their vectors to disk, and builds the L2 neighbour graph.
+
+    Example::
+
+        indexer = HypencoderIndexer(model, 'vaswani.hypencoder')
+        index = indexer.index(pt.get_dataset('irds:vaswani').get_corpus_iter())
+    """
+
+    def __init__(self, model, path: Union[str, os.PathLike], *, neighbours: Optional[int] = 100,
+                 graph: Optional[str] = 'auto', text_field: Union[str, Sequence[str]] = 'text',
+                 batch_size: int = 32, chunk_size: int = 1024, fp16: bool = False, overwrite: bool = False,
+                 device=None, verbose: bool = True):
+        """
+        Args:
+            model: the :class:`~pyterrier_hypencoder.Hypencoder` that encodes documents, or its folder or hub
+                name (loaded now, on ``device``).
+            path: the index folder to create (a relative path is resolved against the working directory now).
+            neighbours: neighbours per document in the graph (the paper: 100); 0 or None for no graph.
+            graph: graph builder (see :func:`~pyterrier_hypencoder.graph.build_knn_graph`): ``auto`` (exact up to a
+                size threshold, then approximate), ``exact``, ``hnsw`` or ``ivf``; None for no graph.
+            text_field: the field to encode, or several fields joined by a space (e.g. ``['title', 'text']``).
+            batch_size: documents per encoder forward pass.
+            chunk_size: documents read and written per step (length-sorted within a chunk); bounds memory.
+            fp16: store vectors in float16, halving disk and memory.
+            overwrite: replace an existing index at ``path`` (and partial folders that killed runs left beside it).
+            device: where documents are encoded (default: the model's device). A model on another device is not
+                moved: a copy on ``device`` encodes, for the duration of :meth:`index`.
+            verbose: show progress bars.
+
+        Raises:
+            ValueError: on a bad parameter or an unavailable device.
+            TypeError: when ``model`` is neither a document encoder nor the name of a Hypencoder.
+        """
+        if neighbours is not None and neighbours < 0:
+            raise ValueError(f'neighbours must be >= 0 (0 or None: no graph); got {neighbours}')
+        if batch_size < 1 or chunk_size < 1:
+            raise ValueError('batch_size and chunk_size must be >= 1')
+        if neighbours and graph is not None and graph not in METHODS:
+            # checked here, not after hours of encoding
+            raise ValueError(f'graph={graph!r} is not supported: use one of {METHODS}, or None for no graph')
+        self.device = default_device(device) if device is not None else None
+        self.model = load_model(model, device=device, user='HypencoderIndexer', docs_only=True)
+        self.path = Path(os.fspath(path)).expanduser().absolute()
+        self.neighbours = neighbours or 0
+        self.graph = graph if self.neighbours else None
+        self.text_fields = [text_field] if isinstance(text_field, str) else list(text_field)
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.dtype = 'float16' if fp16 else 'float32'
+        self.overwrite = overwrite
+        self.verbose = verbose
+        self._built_for: Optional[HypencoderIndexFiles] = None  # set by HypencoderIndex.indexer()
+
+    def index_inputs(self) -> List[List[str]]:
+        """The columns :meth:`index` reads (for ``pt.inspect.indexer_inputs``)."""
+        return [['docno'] + self.text_fields]
+
+    def __repr__(self) -> str:
+        return (f'HypencoderIndexer({str(self.path)!r}, neighbours={self.neighbours}, text_field={self.text_fields}, '
+                f'dtype={self.dtype})')
+
+    def index(self, docs: Iterable[Dict[str, Any]]) -> HypencoderIndexFiles:
+        """Indexes documents.
+
+        Args:
+            docs: dicts with ``docno`` and the text field(s), e.g. ``dataset.get_corpus_iter()``, or a DataFrame
+                with those columns.
+
+        Returns:
+            The built index, as the artifact class registered for it (:class:`pyterrier_hypencoder.HypencoderIndex`).
+
+        Raises:
+            FileExistsError: when ``path`` exists and ``overwrite`` is False.
+            ValueError: on an empty corpus, a document without docno or text, or duplicate docnos. Each is found
+                as the chunk that holds it is read, before it is encoded, and nothing is left on disk.
+        """
+        if isinstance(docs, pd.DataFrame):
+            docs = _FrameRows(docs)
+        elif hasattr(docs, 'get_corpus_iter'):
+            raise TypeError(f'index() takes the documents, not a dataset: pass {type(docs).__name__}.get_corpus_iter()')
+        if self.path.exists() and not self.overwrite:
+            raise FileExistsError(f'{self.path} already exists; pass overwrite=True to replace it, or choose another path')
+        # Everything is written to a hidden sibling and moved into place at the end, so an interrupted run never
+        # leaves a folder that loads.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:
+            # Partial folders of earlier, killed runs at this path.
+            for stale in self.path.parent.glob(f'.{self.path.name}.building-*'):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.path.parent / f'.{self.path.name}.building-{uuid.uuid4().hex[:8]}'
+        tmp.mkdir()
+        try:
+            meta = self._build(docs, tmp)
+            with open(tmp / 'pt_meta.json', 'w') as f:
+                json.dump(meta, f, indent=1)
+            self._move_into_place(tmp)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        if self._built_for is not None:
+            self._built_for._forget()  # it may hold the replaced index's metadata and memory maps
+            return self._built_for
+        # Resolved through the pyterrier.artifact entry point, so the caller gets the class with the hand-outs
+        # (defined above this module) without this module importing it.
+        return pt.Artifact.load(str(self.path))
+
+    def _move_into_place(self, tmp: Path) -> None:
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f'.{self.path.name}.old-{uuid.uuid4().hex[:8]}'
+            os.rename(self.path, old)
+        os.rename(tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _texts(self, chunk: List[Dict[str, Any]], start: int) -> List[str]:
+        texts = []
+        for i, doc in enumerate(chunk):
+            parts = []
+            for field in self.text_fields:
+                if field not in doc:
+                    raise ValueError(f'document {start + i} (docno {doc.get("docno")!r}) has no {field!r} field; it '
+                                     f'has {sorted(doc)}. Choose the text field(s) with text_field=...')
+                value = doc[field]
+                if _is_missing(value):
+                    # str(nan) would index the word "nan" in place of the document.
+                    raise ValueError(f'document {start + i} (docno {doc.get("docno")!r}) has a missing {field!r} value '
+                                     f'({value!r}); fill it (e.g. with "") or drop the document')
+                parts.append(str(value))
+            texts.append(' '.join(parts))
+        return texts
+
+    def _encoder(self):
+        """The model, or a copy of it on ``device`` (the model the user passed is not moved)."""
+        model, want = self.model, self.device
+        have = getattr(model, 'device', want)
+        # 'cuda' and 'cuda:0' are one device here (default_device keeps the name as given).
+        if want is None or (have.type == want.type and (have.index or 0) == (want.index or 0)):
+            return model
+        return copy.deepcopy(model).to(want)
+
+    def _encode_into(self, docs, model, fvec, builder, progress) -> int:
+        """Checks, encodes and writes the documents chunk by chunk; returns how many there were."""
+        count = 0
+        # Every docno seen so far, so a duplicate fails before the chunks after it are encoded (an exact set: about
+        # 100 bytes per document, far less than the vectors; the final check below also catches npids aliasing).
+        seen: Dict[str, int] = {}
+        for chunk in _chunks(docs, self.chunk_size):
+            for i, doc in enumerate(chunk):
+                if not isinstance(doc, dict):
+                    raise TypeError(f'document {count + i} is a {type(doc).__name__}, not a dict: index() takes dicts '
+                                    f'with a "docno" and {self.text_fields} (e.g. dataset.get_corpus_iter()) or a '
+                                    'DataFrame with those columns')
+                docno = doc.get('docno')
+                if _is_missing(docno):
+                    raise ValueError(f'document {count + i} has no docno: each document must be a dict with a '
+                                     f'"docno" and {self.text_fields}; it has {sorted(doc)}')
+                docno = str(docno)
+                if seen.setdefault(docno, count + i) != count + i:
+                    raise ValueError(f'duplicate docno {docno!r} (documents {seen[docno]} and {count + i}); docnos '
+                                     'must be unique in a corpus')
+                builder.add(docno)
+            texts = self._texts(chunk, count)
+            with torch.inference_mode():
+                vecs = model.encode_docs(texts, batch_size=self.batch_size)
+            fvec.write(vecs.float().cpu().numpy().astype(self.dtype).tobytes())
+            count += len(chunk)
+            progress.update(len(chunk))
+        # Checked before the builder closes: npids cannot finish a lookup of fewer than two docnos.
+        if count == 0:
+            raise ValueError('the corpus is empty: no documents were given to index')
+        if count == 1:
+            raise ValueError('a Hypencoder index needs at least 2 documents; score a single document with '
+                             'HypencoderReranker(model) instead')
+        return count
+
+    def _build(self, docs: Iterable[Dict[str, Any]], folder: Path) -> Dict[str, Any]:
+        model = self._encoder()
+        total = len(docs) if hasattr(docs, '__len__') else None
+        # Counts encoded documents (not documents read), so the bar moves with the real work.
+        progress = pt.tqdm(total=total, desc='indexing', unit='doc', disable=not self.verbose)
+        with open(folder / _VEC_FILES[self.dtype], 'wb') as fvec, Lookup.builder(folder / 'docnos.npids') as builder, \
+                progress:
+            try:
+                count = self._encode_into(docs, model, fvec, builder, progress)
+            except BaseException:
+                builder.fout.close()  # npids' builder closes its file only when the block succeeds
+                raise
+        _check_unique_docnos(folder / 'docnos.npids', count)
+        vectors = np.memmap(folder / _VEC_FILES[self.dtype], mode='r', dtype=self.dtype, shape=(count, model.dim))
+        graph_meta = self._build_graph(vectors, folder) if self.graph else None
+        with torch.inference_mode():
+            probe = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
+        return {
+            'type': HypencoderIndexFiles.ARTIFACT_TYPE,
+            'format': HypencoderIndexFiles.ARTIFACT_FORMAT,
+            'package_hint': HypencoderIndexFiles.ARTIFACT_PACKAGE_HINT,
+            'model': getattr(model, 'name_or_path', None),
+            'vec_size': model.dim,
+            'dtype': self.dtype,
+            'doc_count': count,
+            'pooling': model.pooling,
+            'doc_max_length': model.doc_max_length,
+            'text_field': self.text_fields,
+            'graph': graph_meta,
+            'probe': [round(float(x), 6) for x in probe],
+        }
+
+    def _build_graph(self, vectors: np.ndarray, folder: Path) -> Optional[Dict[str, Any]]:
+        return write_graph(vectors, folder, self.neighbours, self.graph, self.verbose)
+
+
+def write_graph(vectors: np.ndarray, folder: Path, neighbours: int, method: str = 'auto',
+                verbose: bool = False) -> Optional[Dict[str, Any]]:
+    """Builds the L2 ``neighbours``-NN graph of ``vectors`` into ``folder`` (which holds their ``docnos.npids``).
+
+    Returns:
+        The index metadata's ``graph`` entry, or None when there are too few documents for a graph.
+    """
+    n = vectors.shape[0]
+    k = min(neighbours, n - 1)
+    if k < 1:
+        warnings.warn('a single document has no neighbours: the index is built without a graph', stacklevel=3)
+        return None
+    if k < neighbours:
+        warnings.warn(f'only {n} documents: the graph keeps {k} neighbours per document, not {neighbours}',
+                      stacklevel=3)
+    gdir = folder / _graph_dirname(k)
+    gdir.mkdir()
+    # Raw row-major files, as pyterrier-adaptive's np_topk graphs are; weights (L2 distances) in float16.
+    edges = np.memmap(gdir / 'edges.u32.np', mode='w+', dtype=np.uint32, shape=(n, k))
+    dists = np.memmap(gdir / 'weights.f16.np', mode='w+', dtype=np.float16, shape=(n, k))
+    build_knn_graph(vectors, k, method=method, verbose=verbose, edges_out=edges, dists_out=dists)
+    edges.flush()
+    dists.flush()
+    del edges, dists
+    shutil.copy(folder / 'docnos.npids', gdir / 'docnos.npids')
+    with open(gdir / 'pt_meta.json', 'w') as f:
+        json.dump({'type': 'corpus_graph', 'format': 'np_topk', 'package_hint': 'pyterrier-adaptive',
+                   'doc_count': n, 'k': k, 'metric': 'l2'}, f)
+    return {'k': k, 'metric': 'l2', 'method': method}
+
+
+def _is_missing(value) -> bool:
+    """None, NaN or pd.NA: what a DataFrame holds where a field is missing."""
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
+class _FrameRows:
+    """A DataFrame's rows as dicts, as PyTerrier indexers take them (``len`` kept for the progress bar)."""
+
+    def __init__(self, frame: pd.DataFrame, block: int = 4096):
+        self.frame, self.block = frame, block
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __iter__(self):
+        for start in range(0, len(self.frame), self.block):  # dicts of one block at a time, not of the whole frame
+            yield from self.frame.iloc[start:start + self.block].to_dict('records')
+
+
+def _chunks(it: Iterable, size: int) -> Iterable[list]:
+    chunk = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _check_unique_docnos(path: Path, count: int, block: int = 1 << 16) -> None:
+    """Duplicate docnos make docno lookups ambiguous; each row must map back to itself."""
+    lookup = Lookup(path)
+    try:
+        for start in range(0, count, block):
+            rows = np.arange(start, min(start + block, count))
+            docnos = lookup.fwd[rows]
+            back = np.asarray(lookup.inv[list(docnos)])
+            bad = np.nonzero(back != rows)[0]
+            if len(bad):
+                dup = str(docnos[bad[0]])
+                raise ValueError(f'duplicate docno {dup!r} (rows {back[bad[0]]} and {rows[bad[0]]}); docnos must be '
+                                 'unique in a corpus')
+    finally:
+        lookup.close()
