@@ -15,6 +15,17 @@ TOKENIZER_FILES = ('vocab.txt', 'tokenizer.json', 'tokenizer_config.json', 'spec
 IRDS_HOME = Path(os.environ.setdefault('IR_DATASETS_HOME', str(ROOT / '.cache' / 'ir_datasets')))
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """Torch on one thread for a module: tiny models gain nothing from threads, and on a busy machine thread
+    hand-offs make each small op ~20x slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def parity_dir() -> Path:
     if not (PARITY / 'expected.json').exists():

@@ -37,12 +37,7 @@ def make_docs(n, seed=0, prefix='d'):
 TOPICS = pd.DataFrame({'qid': ['1', '2'], 'query': ['neural retrieval', 'graph index']})
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -8,7 +8,6 @@ import os
 
 import pandas as pd
 import pytest
-import torch
 
 from pyterrier_hypencoder import Hypencoder
 from pyterrier_hypencoder.train import DevSet, TrainConfig, Trainer, save_frame
@@ -18,12 +17,7 @@ from pyterrier_hypencoder.train.run_folder import RunSettingsError, run_outputs
 FRUITS = 'apple banana cherry grape lemon mango olive peach pear plum'.split()
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def fruit_frame() -> pd.DataFrame:

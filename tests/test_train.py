@@ -32,13 +32,7 @@ from pyterrier_hypencoder.train import (
 FRUITS = 'apple banana cherry grape lemon mango olive peach pear plum'.split()
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine thread hand-offs make each small op ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ---- losses -------------------------------------------------------------------------------------------------

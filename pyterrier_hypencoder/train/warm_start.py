@@ -81,6 +81,21 @@ def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_la
     return model._place(device, dtype)
 
 
+def _identity_hidden_blocks(head, hidden_bias: float) -> None:
+    """Zero generated matrices and a constant bias in every hidden block: with residuals, each block is the identity."""
+    for k in range(len(head.spec.weight_shapes) - 1):
+        # generated hidden matrix = projection(...) + base = base (the projection starts at zero)
+        head.hyper_base_matrices[k].zero_()
+        head.weight_hyper_projection[k].weight.zero_()
+        head.weight_hyper_projection[k].bias.zero_()
+    for k in range(head.spec.num_blocks):
+        # a small positive bias keeps the ReLU open; the layer norm of a constant vector is 0, so the block is the
+        # identity while gradients still flow
+        head.hyper_base_vectors[k].fill_(hidden_bias)
+        head.bias_hyper_projection[k].weight.zero_()
+        head.bias_hyper_projection[k].bias.zero_()
+
+
 @torch.no_grad()
 def _warm_start(head, scale: float, doc_gain: float, shift: float, hidden_bias: float = 1e-2) -> None:
     spec = head.spec
@@ -88,17 +103,7 @@ def _warm_start(head, scale: float, doc_gain: float, shift: float, hidden_bias: 
     if head.model_dim != spec.vector_dimensions[0]:
         raise ValueError('the warm start needs the q-net input size to equal the backbone hidden size')
     eye = torch.eye(head.model_dim)
-    for k in range(last):
-        # generated hidden matrix = projection(...) + base = base (the projection starts at zero)
-        head.hyper_base_matrices[k].zero_()
-        head.weight_hyper_projection[k].weight.zero_()
-        head.weight_hyper_projection[k].bias.zero_()
-    for k in range(spec.num_blocks):
-        # a small positive bias keeps the ReLU open; the layer norm of a constant vector is 0, so the block is the
-        # identity while gradients still flow
-        head.hyper_base_vectors[k].fill_(hidden_bias)
-        head.bias_hyper_projection[k].weight.zero_()
-        head.bias_hyper_projection[k].bias.zero_()
+    _identity_hidden_blocks(head, hidden_bias)
     # first block: ReLU(doc_gain * x + shift) = doc_gain * x + shift, whose layer norm is the standardised x
     head.hyper_base_matrices[0].copy_(eye.unsqueeze(0) * doc_gain)
     head.hyper_base_vectors[0].fill_(shift)
@@ -171,14 +176,7 @@ def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: f
     projection = dot.query_projection.weight.detach() if dot.query_projection is not None else torch.eye(dim)
     shift = _shift_for(model, _PROBE_TEXTS)
     with torch.no_grad():
-        for k in range(last):
-            head.hyper_base_matrices[k].zero_()
-            head.weight_hyper_projection[k].weight.zero_()
-            head.weight_hyper_projection[k].bias.zero_()
-        for k in range(spec.num_blocks):
-            head.hyper_base_vectors[k].fill_(hidden_bias)
-            head.bias_hyper_projection[k].weight.zero_()
-            head.bias_hyper_projection[k].bias.zero_()
+        _identity_hidden_blocks(head, hidden_bias)
         head.weight_query_embeddings[last].zero_()
         head.value_projections[last].weight.copy_(torch.eye(dim))
         head.value_projections[last].bias.fill_(shift)
