@@ -12,10 +12,12 @@ learning-rate trials, each chosen by dev RR@10 (the best checkpoint of each run,
 is then evaluated once on the test split. Four trained models:
 
 - ``BE-Base (cosine)``: a query-side linear map over the normalised vectors (the usual bi-encoder);
-- ``BE-Base (dot, LN query)``: the inner product a q-net can express exactly (``DotEncoder(query_norm=True)``);
+- ``BE-Base (LN)``: the nearest BE-Base to a cosine that a q-net expresses exactly, an inner product of
+  standardised (layer-normed) query and document vectors (``DotEncoder(query_norm=True, doc_norm=True)``);
 - ``Hypencoder (cosine start)``: q-nets that begin as MiniLM's cosine (:func:`warm_start_hypencoder`);
-- ``Hypencoder (BE-Base start)``: q-nets that begin exactly as the trained ``BE-Base (dot, LN query)`` of the
-  same size and seed (:func:`warm_start_from_dot`), so training can only move away from it where dev rewards it.
+- ``Hypencoder (BE-Base start)``: q-nets that begin exactly as the trained ``BE-Base (LN)`` of the same size and
+  seed (:func:`warm_start_from_dot`), so training can only move away from it where dev rewards it (its step-0
+  dev score, printed, equals BE-Base's).
 
 BM25 (pyterrier-pisa) and MiniLM zero-shot (cosine) are the reference lines. Writes ``results.json``, a table
 (``results.md``) and the plot ``scaling.png`` (test RR@10 against training queries, log scale) into ``--work``.
@@ -35,7 +37,7 @@ from pyterrier_hypencoder.optional import require
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / 'shared' / 'datasets' / 'debian-packages'
-MODELS = ('BE-Base (cosine)', 'BE-Base (dot, LN query)', 'Hypencoder (cosine start)', 'Hypencoder (BE-Base start)')
+MODELS = ('BE-Base (cosine)', 'BE-Base (LN)', 'Hypencoder (cosine start)', 'Hypencoder (BE-Base start)')
 
 
 def read_beir(folder: Path):
@@ -116,12 +118,12 @@ class Experiment:
     def sizes(self):
         return [min(n, len(self.train_topics)) for n in self.args.sizes]
 
-    def _trainer(self, model, data, lr, seed):
+    def _trainer(self, model, data, lr, seed, temperature=None):
         from pyterrier_hypencoder.train import TrainConfig, Trainer
         a = self.args
         config = TrainConfig(steps=a.steps, batch_size=a.batch_size, num_negatives=a.negatives, lr=lr,
                              warmup_steps=a.warmup, eval_every=max(1, a.steps // a.evals), loss='ce', head_only=True,
-                             seed=seed, metric='RR@10', num_results=100)
+                             seed=seed, metric='RR@10', num_results=100, temperature=temperature)
         trainer = Trainer(model, data, config, dev=self.dev, verbose=not a.quiet)
         # the shared frozen features, so no run encodes anything
         trainer.features.put('docs', self.doc_texts, list(self.pooled))
@@ -133,8 +135,8 @@ class Experiment:
         backbone = self.args.backbone
         if name == 'BE-Base (cosine)':
             return DotEncoder.from_backbone(backbone, pooling='mean', normalize=True, **self.common)
-        if name == 'BE-Base (dot, LN query)':
-            return DotEncoder.from_backbone(backbone, pooling='mean', query_norm=True, **self.common)
+        if name == 'BE-Base (LN)':
+            return DotEncoder.from_backbone(backbone, pooling='mean', query_norm=True, doc_norm=True, **self.common)
         if name == 'Hypencoder (cosine start)':
             return warm_start_hypencoder(backbone, qnet_layers=self.args.qnet_layers, seed=seed, **self.common)
         return warm_start_from_dot(start, qnet_layers=self.args.qnet_layers, seed=seed)
@@ -142,16 +144,20 @@ class Experiment:
     def lrs(self, name: str):
         return self.args.be_lrs if name.startswith('BE-Base') else self.args.hyp_lrs
 
-    def train_best(self, name: str, data: pd.DataFrame, seed: int, start=None):
+    def train_best(self, name: str, data: pd.DataFrame, seed: int, start=None, lrs=None):
         """Trains one model per learning rate; returns the one with the best dev RR@10, and every trial."""
         best, trials = None, []
-        for lr in self.lrs(name):
+        for lr in lrs or self.lrs(name):
             model = self.new_model(name, seed, start)
-            trainer = self._trainer(model, data, lr, seed)
+            # the BE-Base start keeps its BE-Base's logit scale (the trainer's default for a DotEncoder(doc_norm))
+            temperature = 0.05 * model.dim if name == 'Hypencoder (BE-Base start)' else None
+            trainer = self._trainer(model, data, lr, seed, temperature)
             started = time.time()
             trainer.train()
+            curve = [[h['step'], round(h['RR@10'], 4)] for h in trainer.state.history if 'RR@10' in h]
             trials.append({'lr': lr, 'dev_RR@10': trainer.state.best_metric, 'best_step': trainer.state.best_step,
-                           'seconds': round(time.time() - started, 1)})
+                           'dev_curve': curve, 'seconds': round(time.time() - started, 1)})
+            print(f'  {name}, lr {lr:g}: dev RR@10 by step {curve}, {time.time() - started:.0f} s', flush=True)
             if best is None or trainer.state.best_metric > best[1]:
                 best = (model, trainer.state.best_metric, lr)
         return best, trials
@@ -177,11 +183,14 @@ class Experiment:
             qids = set(self.train_topics['qid'].iloc[:n])
             data = self.data[self.data['qid'].isin(qids)].reset_index(drop=True)
             seeds = self.args.seeds if n == max(sizes) else self.args.seeds[:1]
+            chosen = {}
             for seed in seeds:
                 start = None
                 for name in MODELS:
-                    (model, dev_value, lr), trials = self.train_best(name, data, seed, start)
-                    if name == 'BE-Base (dot, LN query)':
+                    # further seeds measure the spread at the learning rate the first seed's trials chose on dev
+                    (model, dev_value, lr), trials = self.train_best(name, data, seed, start, lrs=chosen.get(name))
+                    chosen[name] = [lr]
+                    if name == 'BE-Base (LN)':
                         start = model  # the next Hypencoder starts from this trained BE-Base
                     row = {'queries': n, 'seed': seed, 'model': name, 'lr': lr, 'dev_RR@10': dev_value,
                            **self.test_scores(model), 'trials': trials}
@@ -237,16 +246,17 @@ def parse_args(argv=None):
     parser.add_argument('--index', default=None, help='take the document vectors from this HypencoderIndex (built on '
                         'the same backbone, mean pooling, 256 tokens) instead of encoding the corpus')
     parser.add_argument('--sizes', type=int, nargs='+', default=[1000, 4000, 16000, 43241])
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1], help='the largest size runs every seed')
-    parser.add_argument('--steps', type=int, default=2000, help='steps per run, the same for every model and size')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1],
+                        help='the largest size runs every seed; seeds after the first reuse its dev-chosen lr')
+    parser.add_argument('--steps', type=int, default=600, help='steps per run, the same for every model and size')
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--negatives', type=int, default=7)
     parser.add_argument('--candidates', type=int, default=30, help='BM25 candidates per query (the hard negatives)')
     parser.add_argument('--warmup', type=int, default=100)
-    parser.add_argument('--evals', type=int, default=4, help='dev evaluations per run (the best is kept)')
+    parser.add_argument('--evals', type=int, default=2, help='dev evaluations per run after step 0 (the best is kept)')
     parser.add_argument('--dev-queries', type=int, default=200)
-    parser.add_argument('--be-lrs', type=float, nargs='+', default=[3e-4, 1e-3, 3e-3])
-    parser.add_argument('--hyp-lrs', type=float, nargs='+', default=[1e-5, 3e-5, 1e-4])
+    parser.add_argument('--be-lrs', type=float, nargs='+', default=[3e-4, 1e-3])
+    parser.add_argument('--hyp-lrs', type=float, nargs='+', default=[3e-5, 1e-4])
     parser.add_argument('--qnet-layers', type=int, default=2)
     parser.add_argument('--device', default=None)
     parser.add_argument('--quiet', action='store_true')

@@ -43,7 +43,15 @@ def test_scaling_script_runs_end_to_end(tiny_beir, tiny_bert, tmp_path):
     # one seed at the smaller size, both at the largest; every model at every size
     assert rows.groupby('queries').size().to_dict() == {30: 4, 120: 8}
     assert set(rows.model) == set(debian_scaling.MODELS)
-    assert all(len(r['trials']) == 2 for r in results['rows'])
+    # the first seed tries both learning rates; the second reuses the one it chose
+    assert all(len(r['trials']) == (2 if r['seed'] == 0 else 1) for r in results['rows'])
+    for _, part in rows.groupby(['queries', 'model']):
+        assert part['lr'].nunique() == 1
+    # the Hypencoder begins exactly where its trained BE-Base ended: the same dev ranking at step 0
+    for _, part in rows.groupby(['queries', 'seed']):
+        be = part[part.model == 'BE-Base (LN)'].iloc[0]
+        hyp = part[part.model == 'Hypencoder (BE-Base start)'].iloc[0]
+        assert all(t['dev_curve'][0][1] == round(be['dev_RR@10'], 4) for t in hyp['trials'])
     for col in ('RR@10', 'nDCG@10', 'R@100'):
         assert rows[col].between(0, 1).all()
     assert set(results['references']) == {'BM25', 'MiniLM zero-shot'}
@@ -60,3 +68,38 @@ def test_scaling_script_needs_equal_trials():
         sys.path.pop(0)
     with pytest.raises(SystemExit):
         debian_scaling.parse_args(['--be-lrs', '1e-3', '--hyp-lrs', '1e-5', '3e-5'])
+
+
+def test_finetune_script_runs_end_to_end(tiny_beir, tiny_bert, tmp_path):
+    sys.path.insert(0, str(ROOT / 'examples'))
+    try:
+        import debian_finetune
+    finally:
+        sys.path.pop(0)
+    work = tmp_path / 'ft'
+    results = debian_finetune.main([
+        '--data', str(tiny_beir), '--work', str(work), '--backbone', str(tiny_bert), '--steps', '4',
+        '--batch-size', '4', '--negatives', '2', '--candidates', '10', '--warmup', '0', '--evals', '2',
+        '--dev-queries', '20', '--dev-docs', '50', '--test-docs', '120', '--device', 'cpu', '--quiet'])
+    assert [r['model'] for r in results['rows']] == list(debian_finetune.MODELS)
+    assert results['test_docs'] == 120 and results['dev_docs'] == 70
+    for r in results['rows']:
+        assert [s for s, _ in r['dev_curve']] == [0, 2, 4]
+        assert 0 <= r['RR@10'] <= 1
+    # both start from the same ranking (a cosine and its standardised counterpart) on this small dev set
+    assert abs(results['rows'][0]['dev_curve'][0][1] - results['rows'][1]['dev_curve'][0][1]) < 0.1
+    assert '| Hypencoder (BE-Base start) | 4 x 4 |' in (work / 'results.md').read_text()
+
+
+def test_sub_corpus_keeps_every_judged_document():
+    sys.path.insert(0, str(ROOT / 'examples'))
+    try:
+        import debian_finetune
+    finally:
+        sys.path.pop(0)
+    corpus = pd.DataFrame({'docno': [f'd{i}' for i in range(50)], 'text': ['t'] * 50})
+    qrels = pd.DataFrame({'qid': ['1', '2'], 'docno': ['d3', 'd40'], 'label': [1, 1]})
+    part = debian_finetune.sub_corpus(corpus, qrels, 10, seed=0)
+    assert len(part) == 10 and {'d3', 'd40'} <= set(part['docno'])
+    assert part['docno'].is_unique
+    assert debian_finetune.sub_corpus(corpus, qrels, 0, seed=0) is corpus

@@ -9,20 +9,21 @@ QUERIES = ['apple fruit', 'a tree with yellow fruit', 'what grows on olive trees
 DOCS = [f'a text about the {w} tree and its fruit' for w in 'apple banana cherry grape lemon mango olive peach'.split()]
 
 
-def _trained_like_dot(tiny_bert, dtype):
-    dot = DotEncoder.from_backbone(str(tiny_bert), pooling='mean', normalize=False, query_norm=True, device='cpu',
-                                   dtype=dtype)
+def _trained_like_dot(tiny_bert, dtype, doc_norm=False):
+    dot = DotEncoder.from_backbone(str(tiny_bert), pooling='mean', normalize=False, query_norm=True, doc_norm=doc_norm,
+                                   device='cpu', dtype=dtype)
     with torch.no_grad():  # a projection far from the identity, as training leaves it
         g = torch.Generator().manual_seed(0)
         dot.query_projection.weight.copy_(torch.randn(dot.dim, dot.dim, generator=g).to(dot.dtype) / dot.dim ** 0.5)
     return dot
 
 
+@pytest.mark.parametrize('doc_norm', [False, True])
 @pytest.mark.parametrize('qnet_layers', [2, 4])
-def test_warm_start_from_dot_scores_exactly_as_be_base(tiny_bert, qnet_layers):
+def test_warm_start_from_dot_scores_exactly_as_be_base(tiny_bert, qnet_layers, doc_norm):
     """In float64 the two models' scores agree to 1e-9 of their size (measured: 2.5e-15 on an Intel Xeon with
     AVX-512, a margin of 10^5), so the rankings are the same; the construction is exact, not an approximation."""
-    dot = _trained_like_dot(tiny_bert, 'fp64')
+    dot = _trained_like_dot(tiny_bert, 'fp64', doc_norm)
     model = warm_start_from_dot(dot, qnet_layers=qnet_layers, dtype='fp64')
     want = dot.encode_queries(QUERIES) @ dot.encode_docs(DOCS).T
     got = model.encode_queries(QUERIES).score(model.encode_docs(DOCS))
@@ -30,8 +31,9 @@ def test_warm_start_from_dot_scores_exactly_as_be_base(tiny_bert, qnet_layers):
     assert torch.equal(got.argsort(dim=1, descending=True), want.argsort(dim=1, descending=True))
 
 
-def test_warm_start_from_dot_in_fp32_keeps_the_ranking(tiny_bert):
-    dot = _trained_like_dot(tiny_bert, None)
+@pytest.mark.parametrize('doc_norm', [False, True])
+def test_warm_start_from_dot_in_fp32_keeps_the_ranking(tiny_bert, doc_norm):
+    dot = _trained_like_dot(tiny_bert, None, doc_norm)
     model = warm_start_from_dot(dot, qnet_layers=2)
     want = (dot.encode_queries(QUERIES) @ dot.encode_docs(DOCS).T).double()
     got = model.encode_queries(QUERIES).score(model.encode_docs(DOCS)).double()
@@ -44,11 +46,12 @@ def test_warm_start_from_dot_in_fp32_keeps_the_ranking(tiny_bert):
     assert torch.equal(got.argsort(dim=1), want.argsort(dim=1))
 
 
-def test_warm_start_from_dot_trains(tiny_bert):
+@pytest.mark.parametrize('doc_norm', [False, True])
+def test_warm_start_from_dot_trains(tiny_bert, doc_norm):
     import pandas as pd
     rows = [{'qid': f'q{i}', 'query': q, 'docno': f'd{j}', 'text': d, 'label': int(i == j)}
             for i, q in enumerate(QUERIES) for j, d in enumerate(DOCS)]
-    model = warm_start_from_dot(_trained_like_dot(tiny_bert, None), qnet_layers=2)
+    model = warm_start_from_dot(_trained_like_dot(tiny_bert, None, doc_norm), qnet_layers=2)
     before = {k: v.clone() for k, v in model.hyperhead.state_dict().items()}
     Trainer(model, pd.DataFrame(rows), TrainConfig(steps=3, batch_size=2, num_negatives=3, warmup_steps=0,
                                                    log_every=1, lr=1e-3), verbose=False).train()
@@ -69,11 +72,22 @@ def test_warm_start_from_dot_rejects_what_a_qnet_cannot_express(tiny_bert):
         warm_start_from_dot(_trained_like_dot(tiny_bert, None), qnet_layers=1)
     with pytest.raises(TypeError, match='must be a DotEncoder'):
         warm_start_from_dot('model')
+    with pytest.raises(ValueError, match='choose one of them'):
+        DotEncoder.from_backbone(str(tiny_bert), pooling='mean', normalize=True, doc_norm=True, device='cpu')
 
 
-def test_query_norm_round_trips(tiny_bert, tmp_path):
-    dot = _trained_like_dot(tiny_bert, None)
+def test_doc_norm_standardises_documents(tiny_bert):
+    plain = DotEncoder.from_backbone(str(tiny_bert), pooling='mean', query_norm=True, device='cpu', dtype='fp64')
+    normed = _trained_like_dot(tiny_bert, 'fp64', doc_norm=True)
+    docs, raw = normed.encode_docs(DOCS), plain.encode_docs(DOCS)
+    want = (raw - raw.mean(dim=1, keepdim=True)) / (raw.var(dim=1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    assert (docs - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+def test_query_and_doc_norm_round_trip(tiny_bert, tmp_path):
+    dot = _trained_like_dot(tiny_bert, None, doc_norm=True)
     dot.save_pretrained(tmp_path / 'dot')
     loaded = DotEncoder.from_pretrained(tmp_path / 'dot', device='cpu')
-    assert loaded.query_norm and 'query_norm=True' in repr(loaded)
+    assert loaded.query_norm and loaded.doc_norm and 'query_norm=True, doc_norm=True' in repr(loaded)
+    np.testing.assert_array_equal(loaded.encode_docs(DOCS).numpy(), dot.encode_docs(DOCS).numpy())
     np.testing.assert_array_equal(loaded.encode_queries(QUERIES).numpy(), dot.encode_queries(QUERIES).numpy())

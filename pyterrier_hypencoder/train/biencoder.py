@@ -41,8 +41,8 @@ class DotEncoder(TextEncoder):
     """
 
     def __init__(self, backbone: nn.Module, tokenizer, *, pooling: str = 'cls', normalize: bool = False,
-                 query_projection: bool = True, query_norm: bool = False, query_max_length: int = 64,
-                 doc_max_length: int = 512, name_or_path: Optional[str] = None):
+                 query_projection: bool = True, query_norm: bool = False, doc_norm: bool = False,
+                 query_max_length: int = 64, doc_max_length: int = 512, name_or_path: Optional[str] = None):
         """
         Args:
             backbone: a Hugging Face encoder shared by queries and documents.
@@ -53,9 +53,13 @@ class DotEncoder(TextEncoder):
                 trainable part when the backbone is frozen).
             query_norm: standardise the pooled query (a layer norm without parameters) before the projection:
                 ``score = (P layer_norm(pool(q))) . pool(d)``. With ``normalize=False`` and mean pooling, this is
-                the BE-Base that a q-net expresses exactly, so a Hypencoder can start from it
+                a BE-Base that a q-net expresses exactly, so a Hypencoder can start from it
                 (:func:`~pyterrier_hypencoder.train.warm_start_from_dot`); the standardisation only rescales and
                 centres each query, so it changes the ranking by no more than the centring does.
+            doc_norm: standardise each document vector too: ``score = (P layer_norm(pool(q))) .
+                layer_norm(pool(d))``. Dividing each document by its own spread makes this nearly a cosine
+                (exactly one for zero-mean vectors), yet a q-net still expresses it exactly, through its hidden
+                block's layer norm: the BE-Base to warm-start a Hypencoder from when cosine scoring ranks best.
             query_max_length: query tokens kept, special tokens included.
             doc_max_length: document tokens kept, special tokens included.
             name_or_path: where the model came from.
@@ -68,6 +72,10 @@ class DotEncoder(TextEncoder):
         self.pooling = pooling
         self.normalize = bool(normalize)
         self.query_norm = bool(query_norm)
+        self.doc_norm = bool(doc_norm)
+        if self.doc_norm and self.normalize:
+            raise ValueError('doc_norm=True standardises document vectors that normalize=True would then rescale; '
+                             'choose one of them')
         self.query_max_length = int(query_max_length)
         self.doc_max_length = int(doc_max_length)
         self.name_or_path = name_or_path
@@ -83,7 +91,8 @@ class DotEncoder(TextEncoder):
     @classmethod
     def from_backbone(cls, encoder_name_or_path: Union[str, os.PathLike], *, pooling: Optional[str] = None,
                       normalize: bool = False, query_projection: bool = True, query_norm: bool = False,
-                      query_max_length: int = 64, doc_max_length: int = 512, device=None, dtype=None) -> DotEncoder:
+                      doc_norm: bool = False, query_max_length: int = 64, doc_max_length: int = 512, device=None,
+                      dtype=None) -> DotEncoder:
         """A new bi-encoder on a pretrained encoder (the query projection starts as the identity).
 
         Args:
@@ -92,6 +101,7 @@ class DotEncoder(TextEncoder):
             normalize: score by cosine instead of inner product.
             query_projection: add the learned query-side linear map.
             query_norm: standardise the pooled query before the projection (see :class:`DotEncoder`).
+            doc_norm: standardise the pooled documents (see :class:`DotEncoder`).
             query_max_length: query tokens kept.
             doc_max_length: document tokens kept.
             device: where to put the model; None means cuda when available.
@@ -99,8 +109,8 @@ class DotEncoder(TextEncoder):
         """
         backbone, tokenizer, pooling = load_backbone(encoder_name_or_path, pooling)
         model = cls(backbone, tokenizer, pooling=pooling, normalize=normalize, query_projection=query_projection,
-                    query_norm=query_norm, query_max_length=query_max_length, doc_max_length=doc_max_length,
-                    name_or_path=str(encoder_name_or_path))
+                    query_norm=query_norm, doc_norm=doc_norm, query_max_length=query_max_length,
+                    doc_max_length=doc_max_length, name_or_path=str(encoder_name_or_path))
         return model._place(device, dtype)
 
     @classmethod
@@ -122,7 +132,8 @@ class DotEncoder(TextEncoder):
         backbone = _backbone_from_config(AutoConfig.from_pretrained(str(path / 'backbone')))
         model = cls(backbone, AutoTokenizer.from_pretrained(str(path)), pooling=meta['pooling'],
                     normalize=meta['normalize'], query_projection=meta['query_projection'],
-                    query_norm=meta.get('query_norm', False), query_max_length=meta['query_max_length'],
+                    query_norm=meta.get('query_norm', False), doc_norm=meta.get('doc_norm', False),
+                    query_max_length=meta['query_max_length'],
                     doc_max_length=meta['doc_max_length'], name_or_path=str(folder))
         state = load_state_dict(path)
         own = model.state_dict()
@@ -145,6 +156,7 @@ class DotEncoder(TextEncoder):
         config = {FORMAT_NAME: {
             'format_version': FORMAT_VERSION, 'pooling': self.pooling, 'normalize': self.normalize,
             'query_projection': self.query_projection is not None, 'query_norm': self.query_norm,
+            'doc_norm': self.doc_norm,
             'query_max_length': self.query_max_length,
             'doc_max_length': self.doc_max_length, 'dim': self.dim,
         }}
@@ -160,7 +172,7 @@ class DotEncoder(TextEncoder):
 
     def __repr__(self) -> str:
         sim = 'cos' if self.normalize else 'dot'
-        norm = ', query_norm=True' if self.query_norm else ''
+        norm = ''.join(f', {name}=True' for name in ('query_norm', 'doc_norm') if getattr(self, name))
         return (f'DotEncoder({self.name_or_path!r}, pooling={self.pooling!r}, sim={sim!r}, '
                 f'projection={self.query_projection is not None}{norm}, device={str(self.device)!r})')
 
@@ -176,7 +188,9 @@ class DotEncoder(TextEncoder):
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def finish_docs(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Document vectors from pooled document states (normalised if enabled)."""
+        """Document vectors from pooled document states (normalised or standardised, if enabled)."""
+        if self.doc_norm:
+            return F.layer_norm(pooled, (pooled.shape[-1],))  # as the q-net's hidden-block layer norm (eps 1e-5)
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def query_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

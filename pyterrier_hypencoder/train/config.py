@@ -28,8 +28,9 @@ class TrainConfig:
             (cross-entropy against hard negatives and, with ``in_batch``, the other queries' positives), or
             ``auto`` (``distill`` when the data has teacher scores, else ``ce``).
         in_batch: use the other queries' positives as negatives in the ``ce`` loss.
-        temperature: cross-entropy logits are ``scores / temperature``; None means 0.05 for cosine models and 1
-            otherwise.
+        temperature: cross-entropy logits are ``scores / temperature``; None means 0.05 for cosine models,
+            ``0.05 * dim`` for a DotEncoder with ``doc_norm=True`` (its scores are ``dim`` times a correlation)
+            and 1 otherwise.
         head_only: freeze the backbone and train only the hyperhead (or the DotEncoder's query projection).
         seed: seeds query order, negative sampling and dropout.
         eval_every: evaluate on the dev set every this many steps (0: only at the end).

@@ -92,7 +92,9 @@ class Trainer:
             raise ValueError('the distill loss needs teacher scores (a score column); use loss="ce" for labels only')
         self.temperature = self.config.temperature
         if self.temperature is None:
-            self.temperature = 0.05 if getattr(model, 'normalize', False) else 1.0
+            # standardised vectors' inner products are dim times a correlation: the same 0.05 on a cosine's scale
+            self.temperature = (0.05 if getattr(model, 'normalize', False)
+                                else 0.05 * model.dim if getattr(model, 'doc_norm', False) else 1.0)
         if self.config.batch_size > len(self.groups):
             raise ValueError(f'batch_size {self.config.batch_size} exceeds the {len(self.groups)} training queries')
         self.dev = dev

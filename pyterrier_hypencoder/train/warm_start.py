@@ -129,18 +129,25 @@ def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: f
                         device=None, dtype=None) -> Hypencoder:
     """A Hypencoder whose q-nets score exactly as a trained BE-Base does, ready for training.
 
-    The q-net contains BE-Base's inner product: every hidden block gets a residual connection and a zero generated
-    matrix, so it adds ``layer_norm(ReLU(b))``, which is exactly 0 for the constant bias ``b`` it starts with;
-    the final matrix attends uniformly over the query's tokens (their mean, as mean pooling takes it), shifted
-    past the ReLU, standardised by the hyperhead's layer norm and mapped by BE-Base's query projection ``P``.
-    The q-net's score is then ``(P layer_norm(mean(q))) . d``: BE-Base with ``query_norm=True``, over the same
-    unnormalised document vectors. A q-net cannot divide by each document's norm, so a cosine BE-Base has no
-    exact counterpart; train the expressible variant (``DotEncoder(pooling='mean', normalize=False,
-    query_norm=True)``) as the starting point. Every parameter stays trainable.
+    The q-net contains BE-Base's inner product. The final matrix attends uniformly over the query's tokens (their
+    mean, as mean pooling takes it), shifted past the ReLU, standardised by the hyperhead's layer norm and mapped by
+    BE-Base's query projection ``P``. The hidden blocks carry the document vector ``d`` to it:
+
+    - ``doc_norm=False``: every hidden block gets a residual connection and a zero generated matrix, so it adds
+      ``layer_norm(ReLU(b))``, which is exactly 0 for the constant bias ``b`` it starts with. The score is
+      ``(P layer_norm(mean(q))) . d``.
+    - ``doc_norm=True``: the last hidden block has no residual connection (as in the released models) and starts
+      with the identity matrix and a bias ``s`` larger than any document component, so it outputs
+      ``layer_norm(ReLU(d + s)) = layer_norm(d)``; the blocks before it are identities as above. The score is
+      ``(P layer_norm(mean(q))) . layer_norm(d)``.
+
+    A q-net cannot divide by each document's norm, so a cosine BE-Base has no exact counterpart; the
+    ``doc_norm=True`` variant (``DotEncoder(pooling='mean', query_norm=True, doc_norm=True)``) is the nearest one,
+    exactly a cosine for zero-mean vectors. Every parameter stays trainable.
 
     Args:
         dot: the trained BE-Base: mean pooling, ``normalize=False``, ``query_norm=True`` (with or without a
-            query projection). Its backbone is copied, not shared.
+            query projection, with or without ``doc_norm``). Its backbone is copied, not shared.
         qnet_layers: q-net depth counted as in the paper (hidden blocks + final matrix); at least 2, so that
             training has a hidden block to grow into.
         hidden_bias: the hidden blocks' constant starting bias (positive, so the ReLUs pass gradients).
@@ -158,13 +165,15 @@ def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: f
              if getattr(dot, name) != want]
     if wrong:
         raise ValueError(f'a q-net expresses BE-Base exactly only as DotEncoder(pooling="mean", normalize=False, '
-                         f'query_norm=True); this one has {", ".join(wrong)}. Train that variant to start from it')
+                         f'query_norm=True) (doc_norm=True or False); this one has {", ".join(wrong)}. Train that '
+                         'variant to start from it')
     if qnet_layers < 2:
         raise ValueError(f'the warm start needs a hidden q-net block: qnet_layers >= 2, got {qnet_layers}')
     if not hidden_bias > 0:
         raise ValueError(f'hidden_bias must be > 0 (a ReLU at 0 passes no gradient); got {hidden_bias}')
     dim = dot.dim
-    spec = QNetSpec(vector_dimensions=(dim,) * qnet_layers + (1,), residual_on_last=True)
+    # a residual on the last hidden block would add the raw vector to the standardised one
+    spec = QNetSpec(vector_dimensions=(dim,) * qnet_layers + (1,), residual_on_last=not dot.doc_norm)
     model = Hypencoder(copy.deepcopy(dot.backbone), dot.tokenizer, spec, pooling='mean',
                        query_max_length=dot.query_max_length, doc_max_length=dot.doc_max_length,
                        name_or_path=dot.name_or_path)
@@ -177,6 +186,10 @@ def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: f
     shift = _shift_for(model, _PROBE_TEXTS)
     with torch.no_grad():
         _identity_hidden_blocks(head, hidden_bias)
+        if dot.doc_norm:
+            # layer_norm(ReLU(d + s)) = layer_norm(d): the shift passes the ReLU and the layer norm removes it
+            head.hyper_base_matrices[last - 1].copy_(torch.eye(dim))
+            head.hyper_base_vectors[last - 1].fill_(shift)
         head.weight_query_embeddings[last].zero_()
         head.value_projections[last].weight.copy_(torch.eye(dim))
         head.value_projections[last].bias.fill_(shift)
