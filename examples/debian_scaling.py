@@ -8,13 +8,15 @@ at 256 tokens) of ``../shared/datasets/debian-packages`` (45,741 package descrip
 one-line synopsis; one relevant document each), with nested subsets of its 43,241 training queries. For each
 training-set size, every model gets the same data (BM25 top-``--candidates`` hard negatives plus in-batch
 negatives, cross-entropy), the same steps and batch size (so the same training examples), the same number of
-learning-rate trials, each chosen by dev RR@10 (the best checkpoint of each run, the best run of each grid), and
-is then evaluated once on the test split. Four trained models:
+learning-rate trials, each chosen by dev RR@10 (the best checkpoint of each run, step 0 included, the best run of
+each grid), and is then evaluated once on the test split; further seeds at the largest size reuse the first seed's
+dev-chosen learning rate. Four trained models:
 
 - ``BE-Base (cosine)``: a query-side linear map over the normalised vectors (the usual bi-encoder);
 - ``BE-Base (LN)``: the nearest BE-Base to a cosine that a q-net expresses exactly, an inner product of
   standardised (layer-normed) query and document vectors (``DotEncoder(query_norm=True, doc_norm=True)``);
-- ``Hypencoder (cosine start)``: q-nets that begin as MiniLM's cosine (:func:`warm_start_hypencoder`);
+- ``Hypencoder (cosine start)``: q-nets that begin as about MiniLM's cosine (:func:`warm_start_hypencoder`); by
+  default at the largest size only (``--cosine-start``), as it is the slowest to train and begins below BE-Base;
 - ``Hypencoder (BE-Base start)``: q-nets that begin exactly as the trained ``BE-Base (LN)`` of the same size and
   seed (:func:`warm_start_from_dot`), so training can only move away from it where dev rewards it (its step-0
   dev score, printed, equals BE-Base's).
@@ -187,6 +189,8 @@ class Experiment:
             for seed in seeds:
                 start = None
                 for name in MODELS:
+                    if name == 'Hypencoder (cosine start)' and n != max(sizes) and self.args.cosine_start == 'largest':
+                        continue
                     # further seeds measure the spread at the learning rate the first seed's trials chose on dev
                     (model, dev_value, lr), trials = self.train_best(name, data, seed, start, lrs=chosen.get(name))
                     chosen[name] = [lr]
@@ -257,6 +261,9 @@ def parse_args(argv=None):
     parser.add_argument('--dev-queries', type=int, default=200)
     parser.add_argument('--be-lrs', type=float, nargs='+', default=[3e-4, 1e-3])
     parser.add_argument('--hyp-lrs', type=float, nargs='+', default=[3e-5, 1e-4])
+    parser.add_argument('--cosine-start', choices=['largest', 'all'], default='largest',
+                        help='sizes that train the Hypencoder from the cosine start (the slowest model to train, '
+                        'and one that begins below BE-Base): the largest only, or all')
     parser.add_argument('--qnet-layers', type=int, default=2)
     parser.add_argument('--device', default=None)
     parser.add_argument('--quiet', action='store_true')
