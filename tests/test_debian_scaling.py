@@ -84,6 +84,7 @@ def test_finetune_script_runs_end_to_end(tiny_beir, tiny_bert, tmp_path):
         '--dev-queries', '20', '--dev-docs', '50', '--test-docs', '120', '--device', 'cpu', '--quiet'])
     assert [r['model'] for r in results['rows']] == list(debian_finetune.MODELS)
     assert results['test_docs'] == 120 and results['dev_docs'] == 70
+    assert set(results['references']) == {'BM25', 'MiniLM zero-shot'}
     for r in results['rows']:
         assert [s for s, _ in r['dev_curve']] == [0, 2, 4]
         assert 0 <= r['RR@10'] <= 1

@@ -91,3 +91,15 @@ def test_query_and_doc_norm_round_trip(tiny_bert, tmp_path):
     assert loaded.query_norm and loaded.doc_norm and 'query_norm=True, doc_norm=True' in repr(loaded)
     np.testing.assert_array_equal(loaded.encode_docs(DOCS).numpy(), dot.encode_docs(DOCS).numpy())
     np.testing.assert_array_equal(loaded.encode_queries(QUERIES).numpy(), dot.encode_queries(QUERIES).numpy())
+
+
+def test_standardised_be_base_trains_on_a_cosine_logit_scale(tiny_bert):
+    import pandas as pd
+    rows = [{'qid': f'q{i}', 'query': q, 'docno': f'd{j}', 'text': d, 'label': int(i == j)}
+            for i, q in enumerate(QUERIES) for j, d in enumerate(DOCS)]
+    config = TrainConfig(steps=1, batch_size=2, num_negatives=3, warmup_steps=0)
+    normed = _trained_like_dot(tiny_bert, None, doc_norm=True)
+    # its scores are dim times a correlation: the temperature puts them on a cosine's scale at 0.05
+    assert Trainer(normed, pd.DataFrame(rows), config, verbose=False).temperature == 0.05 * normed.dim
+    plain = _trained_like_dot(tiny_bert, None)
+    assert Trainer(plain, pd.DataFrame(rows), config, verbose=False).temperature == 1.0
