@@ -125,7 +125,8 @@ class Experiment:
         a = self.args
         config = TrainConfig(steps=a.steps, batch_size=a.batch_size, num_negatives=a.negatives, lr=lr,
                              warmup_steps=a.warmup, eval_every=max(1, a.steps // a.evals), loss='ce', head_only=True,
-                             seed=seed, metric='RR@10', num_results=100, temperature=temperature)
+                             seed=seed, metric='RR@10', num_results=100, temperature=temperature,
+                             hidden_lr_scale=a.hidden_lr_scale)
         trainer = Trainer(model, data, config, dev=self.dev, verbose=not a.quiet)
         # the shared frozen features, so no run encodes anything
         trainer.features.put('docs', self.doc_texts, list(self.pooled))
@@ -189,7 +190,8 @@ class Experiment:
             for seed in seeds:
                 start = None
                 for name in MODELS:
-                    if name == 'Hypencoder (cosine start)' and n != max(sizes) and self.args.cosine_start == 'largest':
+                    if name == 'Hypencoder (cosine start)' and (self.args.cosine_start == 'none' or (
+                            n != max(sizes) and self.args.cosine_start == 'largest')):
                         continue
                     # further seeds measure the spread at the learning rate the first seed's trials chose on dev
                     (model, dev_value, lr), trials = self.train_best(name, data, seed, start, lrs=chosen.get(name))
@@ -261,9 +263,12 @@ def parse_args(argv=None):
     parser.add_argument('--dev-queries', type=int, default=200)
     parser.add_argument('--be-lrs', type=float, nargs='+', default=[3e-4, 1e-3])
     parser.add_argument('--hyp-lrs', type=float, nargs='+', default=[3e-5, 1e-4])
-    parser.add_argument('--cosine-start', choices=['largest', 'all'], default='largest',
+    parser.add_argument('--cosine-start', choices=['largest', 'all', 'none'], default='largest',
                         help='sizes that train the Hypencoder from the cosine start (the slowest model to train, '
-                        'and one that begins below BE-Base): the largest only, or all')
+                        'and one that begins below BE-Base): the largest only, all or none')
+    parser.add_argument('--hidden-lr-scale', type=float, default=1.0,
+                        help="the Hypencoders' learning rate for their hidden-block generators, as a multiple of "
+                        'theirs (TrainConfig.hidden_lr_scale)')
     parser.add_argument('--qnet-layers', type=int, default=2)
     parser.add_argument('--device', default=None)
     parser.add_argument('--quiet', action='store_true')

@@ -75,6 +75,18 @@ class HyperHead(nn.Module):
             self.hyper_base_vectors[k].zero_()
             normal_(self.bias_query_embeddings[k], 10.0)
 
+    def final_parameters(self) -> List[nn.Parameter]:
+        """The parameters that generate only the q-net's final matrix (its query-dependent output vector)."""
+        last = len(self.spec.weight_shapes) - 1
+        return [self.hyper_base_matrices[last], self.weight_query_embeddings[last],
+                *self.weight_hyper_projection[last].parameters(), *self.key_projections[last].parameters(),
+                *self.value_projections[last].parameters()]
+
+    def hidden_parameters(self) -> List[nn.Parameter]:
+        """The parameters that generate the q-net's hidden blocks (matrices and biases): all but the final ones."""
+        final = {id(p) for p in self.final_parameters()}
+        return [p for p in self.parameters() if id(p) not in final]
+
     @staticmethod
     def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                 out_dim: int) -> torch.Tensor:

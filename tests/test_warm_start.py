@@ -103,3 +103,23 @@ def test_standardised_be_base_trains_on_a_cosine_logit_scale(tiny_bert):
     assert Trainer(normed, pd.DataFrame(rows), config, verbose=False).temperature == 0.05 * normed.dim
     plain = _trained_like_dot(tiny_bert, None)
     assert Trainer(plain, pd.DataFrame(rows), config, verbose=False).temperature == 1.0
+
+
+def test_hidden_lr_scale_slows_only_the_hidden_block_generators(tiny_bert):
+    import pandas as pd
+    rows = [{'qid': f'q{i}', 'query': q, 'docno': f'd{j}', 'text': d, 'label': int(i == j)}
+            for i, q in enumerate(QUERIES) for j, d in enumerate(DOCS)]
+    model = warm_start_from_dot(_trained_like_dot(tiny_bert, None, doc_norm=True), qnet_layers=2)
+    head = model.hyperhead
+    trainer = Trainer(model, pd.DataFrame(rows), TrainConfig(steps=1, batch_size=2, num_negatives=3, lr=1e-3,
+                                                             hidden_lr_scale=0.01), verbose=False)
+    final, hidden = trainer._trainable()
+    assert final['lr'] == 1e-3 and hidden['lr'] == 1e-3 * 0.01
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(final['params']) == ids(head.final_parameters())
+    assert ids(final['params']) | ids(hidden['params']) == ids(head.parameters())
+    assert id(head.weight_hyper_projection[1].weight) in ids(final['params'])
+    assert id(head.weight_hyper_projection[0].weight) in ids(hidden['params'])
+    assert id(head.hyper_base_vectors[0]) in ids(hidden['params'])
+    with pytest.raises(ValueError, match='hidden_lr_scale must be > 0'):
+        TrainConfig(hidden_lr_scale=0)

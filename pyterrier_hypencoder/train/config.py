@@ -20,6 +20,12 @@ class TrainConfig:
             a DotEncoder's query projection.
         head_lr: learning rate of the hyperhead (or query projection) in full fine-tuning, where a freshly
             initialised head often wants a larger one than the pretrained backbone; None means ``lr``.
+        hidden_lr_scale: multiplies the head's learning rate for the hyperhead parameters that generate the q-net's
+            hidden blocks (``HyperHead.hidden_parameters``); the final matrix's generator keeps the head's rate.
+            Each generated hidden matrix has ``dim x dim`` entries that every projection weight moves at once, so
+            the same step changes a hidden block far more than the final vector; a Hypencoder warm-started from
+            BE-Base can then train its BE-Base part at BE-Base's rate and its hidden blocks slowly. 1 (default)
+            treats all alike; ignored for a DotEncoder.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps (the paper: 6,000 of a much longer run).
         schedule: after warm-up, ``constant`` (the paper) or ``linear`` decay to zero at ``steps``.
@@ -47,6 +53,7 @@ class TrainConfig:
     num_negatives: int = 7
     lr: Optional[float] = None
     head_lr: Optional[float] = None
+    hidden_lr_scale: float = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 100
     schedule: str = 'constant'
@@ -76,7 +83,7 @@ class TrainConfig:
         for name in ('warmup_steps', 'eval_every', 'save_every', 'keep_checkpoints', 'weight_decay', 'grad_clip'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0; got {getattr(self, name)}')
-        for name in ('lr', 'head_lr', 'temperature'):
+        for name in ('lr', 'head_lr', 'temperature', 'hidden_lr_scale'):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f'{name} must be > 0 (or None for the default); got {getattr(self, name)}')
         import ir_measures

@@ -127,6 +127,18 @@ class Trainer:
                              'query_projection=True or train the backbone (head_only=False)')
         return list(head.parameters())
 
+    def _head_groups(self, head: List[torch.nn.Parameter], lr: float) -> List[dict]:
+        """The head's parameter groups: the hyperhead's hidden-block generators at ``hidden_lr_scale`` times ``lr``."""
+        module = self.model.trainable_head
+        scale = self.config.hidden_lr_scale
+        if not head:
+            return []
+        if scale == 1.0 or not hasattr(module, 'hidden_parameters'):
+            return [{'params': head, 'lr': lr}]
+        hidden = {id(p) for p in module.hidden_parameters()}
+        return [{'params': [p for p in head if id(p) not in hidden], 'lr': lr},
+                {'params': [p for p in head if id(p) in hidden], 'lr': lr * scale}]
+
     def _trainable(self) -> List[dict]:
         """Optimizer parameter groups: the head alone, or the backbone and the head (with ``head_lr``)."""
         head = self._head_parameters()
@@ -134,12 +146,12 @@ class Trainer:
             self.model.requires_grad_(False)
             for p in head:
                 p.requires_grad_(True)
-            return [{'params': head, 'lr': self.lr}]
+            return self._head_groups(head, self.lr)
         self.model.requires_grad_(True)
         head_ids = {id(p) for p in head}
         rest = [p for p in self.model.parameters() if id(p) not in head_ids]
         head_lr = self.config.head_lr if self.config.head_lr is not None else self.lr
-        return [{'params': rest, 'lr': self.lr}] + ([{'params': head, 'lr': head_lr}] if head else [])
+        return [{'params': rest, 'lr': self.lr}] + self._head_groups(head, head_lr)
 
     def _train_mode(self) -> None:
         if self.config.head_only:
