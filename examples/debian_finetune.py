@@ -1,6 +1,6 @@
 """Full fine-tuning at a CPU budget: BE-Base against Hypencoder with the backbone trainable, on debian-packages.
 
-    python examples/debian_finetune.py                         # the run in the README (about an hour on 2 cores)
+    python examples/debian_finetune.py                         # the run in the README (41 min on one CPU thread)
     python examples/debian_finetune.py --device cuda --steps 5000 --batch-size 64   # the same recipe on a GPU (bf16)
 
 The paper's setting in miniature: all-MiniLM-L6-v2 is trained end to end (queries cut at 32 tokens, documents at
