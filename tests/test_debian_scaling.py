@@ -7,6 +7,16 @@ import pytest
 from conftest import DATASETS, ROOT
 
 
+def _example(name: str):
+    """An example script imported as a module (examples/ is not a package)."""
+    import importlib
+    sys.path.insert(0, str(ROOT / 'examples'))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 @pytest.fixture(scope='module')
 def tiny_beir(tmp_path_factory):
     """300 debian-packages documents and the queries that find them, split 120 / 40 / 40, in the BEIR layout."""
@@ -28,11 +38,7 @@ def tiny_beir(tmp_path_factory):
 
 
 def test_scaling_script_runs_end_to_end(tiny_beir, tiny_bert, tmp_path):
-    sys.path.insert(0, str(ROOT / 'examples'))
-    try:
-        import debian_scaling
-    finally:
-        sys.path.pop(0)
+    debian_scaling = _example('debian_scaling')
     work = tmp_path / 'work'
     results = debian_scaling.main([
         '--data', str(tiny_beir), '--work', str(work), '--backbone', str(tiny_bert), '--sizes', '30', '120',
@@ -62,21 +68,13 @@ def test_scaling_script_runs_end_to_end(tiny_beir, tiny_bert, tmp_path):
 
 
 def test_scaling_script_needs_equal_trials():
-    sys.path.insert(0, str(ROOT / 'examples'))
-    try:
-        import debian_scaling
-    finally:
-        sys.path.pop(0)
+    debian_scaling = _example('debian_scaling')
     with pytest.raises(SystemExit):
         debian_scaling.parse_args(['--be-lrs', '1e-3', '--hyp-lrs', '1e-5', '3e-5'])
 
 
 def test_finetune_script_runs_end_to_end(tiny_beir, tiny_bert, tmp_path):
-    sys.path.insert(0, str(ROOT / 'examples'))
-    try:
-        import debian_finetune
-    finally:
-        sys.path.pop(0)
+    debian_finetune = _example('debian_finetune')
     work = tmp_path / 'ft'
     results = debian_finetune.main([
         '--data', str(tiny_beir), '--work', str(work), '--backbone', str(tiny_bert), '--steps', '4',
@@ -94,11 +92,7 @@ def test_finetune_script_runs_end_to_end(tiny_beir, tiny_bert, tmp_path):
 
 
 def test_sub_corpus_keeps_every_judged_document():
-    sys.path.insert(0, str(ROOT / 'examples'))
-    try:
-        import debian_finetune
-    finally:
-        sys.path.pop(0)
+    debian_finetune = _example('debian_finetune')
     corpus = pd.DataFrame({'docno': [f'd{i}' for i in range(50)], 'text': ['t'] * 50})
     qrels = pd.DataFrame({'qid': ['1', '2'], 'docno': ['d3', 'd40'], 'label': [1, 1]})
     part = debian_finetune.sub_corpus(corpus, qrels, 10, seed=0)

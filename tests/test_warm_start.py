@@ -121,5 +121,6 @@ def test_hidden_lr_scale_slows_only_the_hidden_block_generators(tiny_bert):
     assert id(head.weight_hyper_projection[1].weight) in ids(final['params'])
     assert id(head.weight_hyper_projection[0].weight) in ids(hidden['params'])
     assert id(head.hyper_base_vectors[0]) in ids(hidden['params'])
-    with pytest.raises(ValueError, match='hidden_lr_scale must be > 0'):
-        TrainConfig(hidden_lr_scale=0)
+    for bad in (0, -1.0, None):
+        with pytest.raises(ValueError, match='hidden_lr_scale must be a number > 0'):
+            TrainConfig(hidden_lr_scale=bad)

@@ -83,9 +83,12 @@ class TrainConfig:
         for name in ('warmup_steps', 'eval_every', 'save_every', 'keep_checkpoints', 'weight_decay', 'grad_clip'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0; got {getattr(self, name)}')
-        for name in ('lr', 'head_lr', 'temperature', 'hidden_lr_scale'):
+        for name in ('lr', 'head_lr', 'temperature'):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f'{name} must be > 0 (or None for the default); got {getattr(self, name)}')
+        if not isinstance(self.hidden_lr_scale, (int, float)) or not self.hidden_lr_scale > 0:
+            raise ValueError(f'hidden_lr_scale must be a number > 0 (1 trains all of the head alike); '
+                             f'got {self.hidden_lr_scale!r}')
         import ir_measures
         try:
             ir_measures.parse_measure(self.metric)
