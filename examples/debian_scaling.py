@@ -166,8 +166,8 @@ class Experiment:
         return best, trials
 
     def test_scores(self, model) -> dict:
-        from pyterrier_hypencoder.train import DotEncoder, exhaustive_retrieve
-        vectors = model.finish_docs(self.pooled) if isinstance(model, DotEncoder) else self.pooled
+        from pyterrier_hypencoder.train import exhaustive_retrieve
+        vectors = model.finish_docs(self.pooled)  # normalised or standardised for BE-Base; as they are for a q-net
         run = exhaustive_retrieve(model, self.test, vectors.to(model.device), self.corpus['docno'].tolist(),
                                   num_results=100)
         return evaluate(run, self.qrels['test'])
