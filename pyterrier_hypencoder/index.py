@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,24 @@ _PROBE_TEXT = 'pyterrier-hypencoder probe: does this model encode documents like
 
 class HypencoderIndexError(ValueError):
     """An index that is missing, incomplete, corrupt, or does not fit the model it is used with."""
+
+
+def build_ip_index(vectors: np.ndarray, folder: Path, m: int, ef_construction: int = 80,
+                   verbose: bool = False) -> Dict[str, Any]:
+    """Builds the HNSW inner-product index of ``vectors`` (degree ``m``) into ``folder``, for adaptive search.
+
+    Returns:
+        The index metadata's ``ip_index`` entry.
+    """
+    from .surrogate import InnerProductIndex
+    name = f'ip_hnsw{m}.faiss'
+    started = time.perf_counter()
+    index = InnerProductIndex(vectors, hnsw_m=m, ef_construction=ef_construction, verbose=verbose)
+    tmp = folder / (name + '.tmp')
+    index.save(tmp)
+    os.replace(tmp, folder / name)
+    return {'kind': 'hnsw', 'm': int(m), 'ef_construction': int(ef_construction), 'file': name,
+            'seconds': round(time.perf_counter() - started, 1)}
 
 
 def _graph_dirname(k: int) -> str:
@@ -112,6 +131,10 @@ class HypencoderIndexFiles(pta.Artifact):
                     expected = f' (expected {want} bytes)' if want is not None else ''
                     raise HypencoderIndexError(f'{f} is missing or truncated{expected}: the neighbour graph is corrupt; '
                                                'rebuild the index')
+        ip = meta.get('ip_index')
+        if ip and (not isinstance(ip, dict) or not (self.path / str(ip.get('file'))).is_file()):
+            raise HypencoderIndexError(f'the inner-product index of {self.path} ({ip!r}) is missing or corrupt; add it '
+                                       'again with index.add_ip_index(), or rebuild the index')
         return meta
 
     def __len__(self) -> int:
@@ -209,6 +232,53 @@ class HypencoderIndexFiles(pta.Artifact):
                                        'HypencoderIndexer(..., neighbours=100) to use graph-mode retrieval')
         return NpTopKCorpusGraph(self.path / _graph_dirname(self.graph_k), k=k)
 
+    def has_ip_index(self) -> bool:
+        """True when the index holds an HNSW inner-product index (adaptive search's candidates at scale)."""
+        return bool(self.meta.get('ip_index'))
+
+    def ip_index(self, ef_search: int = 256):
+        """The inner-product index adaptive search draws candidates from (loaded once, kept).
+
+        Args:
+            ef_search: HNSW search beam (a draw of ``pool`` candidates widens it to at least ``pool``).
+
+        Returns:
+            An :class:`~pyterrier_hypencoder.surrogate.InnerProductIndex`: the stored HNSW index, or, for an index
+            without one, an exact one over the vectors (one inner product per document per draw).
+        """
+        from .surrogate import InnerProductIndex
+        key = ('hnsw', ef_search) if self.has_ip_index() else ('exact',)
+        cached = self.__dict__.get('_ip')
+        if cached is None or cached[0] != key:
+            if self.has_ip_index():
+                index = InnerProductIndex.load(self.path / self.meta['ip_index']['file'], ef_search=ef_search)
+                if index.n != len(self) or index.dim != self.dim:
+                    raise HypencoderIndexError(f'the inner-product index of {self.path} holds {index.n} x {index.dim} '
+                                               f'vectors, the index {len(self)} x {self.dim}; add it again with '
+                                               'index.add_ip_index(overwrite=True)')
+            else:
+                index = InnerProductIndex(self.vectors())
+            self.__dict__['_ip'] = cached = (key, index)
+        return cached[1]
+
+    def add_ip_index(self, m: int = 32, ef_construction: int = 80, overwrite: bool = False,
+                     verbose: bool = True) -> None:
+        """Builds an HNSW inner-product index over a built index's vectors (what ``HypencoderIndexer(...,
+        ip_index='hnsw32')`` builds with it), so adaptive search on a large corpus never ranks every document.
+
+        Raises:
+            FileExistsError: when the index has one and ``overwrite`` is False.
+        """
+        if self.has_ip_index() and not overwrite:
+            raise FileExistsError(f'{self.path} already has an inner-product index ({self.meta["ip_index"]}); pass '
+                                  'overwrite=True to replace it')
+        entry = build_ip_index(self.vectors(), self.path, m, ef_construction, verbose=verbose)
+        meta = dict(self.meta, ip_index=entry)
+        tmp = self.path / 'pt_meta.json.tmp'
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.path / 'pt_meta.json')  # the metadata changes last, and atomically
+        self._forget()
+
     def check_model(self, model) -> None:
         """Checks that ``model`` encodes documents like the model that built this index.
 
@@ -241,7 +311,7 @@ class HypencoderIndexFiles(pta.Artifact):
 
     def _forget(self) -> None:
         """Drops the cached metadata, vectors and docnos, e.g. after the folder was rebuilt (overwrite=True)."""
-        for name in ('meta', '_vectors', 'docnos'):
+        for name in ('meta', '_vectors', 'docnos', '_ip'):
             self.__dict__.pop(name, None)
         self._stamp = None
         self._generation += 1

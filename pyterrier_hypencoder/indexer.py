@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -22,10 +23,14 @@ import torch
 from npids import Lookup
 
 from .graph import METHODS, build_knn_graph
-from .index import _PROBE_TEXT, _VEC_FILES, HypencoderIndexFiles, _graph_dirname
+from .index import _PROBE_TEXT, _VEC_FILES, HypencoderIndexFiles, _graph_dirname, build_ip_index
 from .model import default_device, load_model
 
 __all__ = ['HypencoderIndexer', 'write_graph']
+
+# Files of a build in progress: docnos as JSON lines (npids is built at the end) and what a resume starts from.
+_DOCNOS_PARTIAL = 'docnos.partial.jsonl'
+_PROGRESS = 'progress.json'
 
 
 class HypencoderIndexer(pt.Indexer):
@@ -40,7 +45,7 @@ class HypencoderIndexer(pt.Indexer):
     def __init__(self, model, path: Union[str, os.PathLike], *, neighbours: Optional[int] = 100,
                  graph: Optional[str] = 'auto', text_field: Union[str, Sequence[str]] = 'text',
                  batch_size: int = 32, chunk_size: int = 1024, fp16: bool = False, overwrite: bool = False,
-                 device=None, verbose: bool = True):
+                 resume: bool = False, ip_index: Optional[str] = None, device=None, verbose: bool = True):
         """
         Args:
             model: the :class:`~pyterrier_hypencoder.Hypencoder` that encodes documents, or its folder or hub
@@ -54,6 +59,12 @@ class HypencoderIndexer(pt.Indexer):
             chunk_size: documents read and written per step (length-sorted within a chunk); bounds memory.
             fp16: store vectors in float16, halving disk and memory.
             overwrite: replace an existing index at ``path`` (and partial folders that killed runs left beside it).
+            resume: keep the partial build when :meth:`index` is interrupted (``.<name>.building-resume`` beside
+                ``path``), and continue one found there: the documents already encoded are read again (their docnos
+                checked against the saved ones) but not encoded. Pass the same documents and settings.
+            ip_index: also build the inner-product ANN index that adaptive search draws its candidates from on
+                large corpora: ``'hnsw32'`` (FAISS HNSW of degree 32; any ``'hnsw<M>'``). None: none (adaptive
+                search then ranks the whole corpus by inner product per draw, which is fine up to ~100k documents).
             device: where documents are encoded (default: the model's device). A model on another device is not
                 moved: a copy on ``device`` encodes, for the duration of :meth:`index`.
             verbose: show progress bars.
@@ -69,6 +80,7 @@ class HypencoderIndexer(pt.Indexer):
         if neighbours and graph is not None and graph not in METHODS:
             # checked here, not after hours of encoding
             raise ValueError(f'graph={graph!r} is not supported: use one of {METHODS}, or None for no graph')
+        self.ip_m = _parse_ip_index(ip_index)
         self.device = default_device(device) if device is not None else None
         self.model = load_model(model, device=device, user='HypencoderIndexer', docs_only=True)
         self.path = Path(os.fspath(path)).expanduser().absolute()
@@ -79,6 +91,7 @@ class HypencoderIndexer(pt.Indexer):
         self.chunk_size = chunk_size
         self.dtype = 'float16' if fp16 else 'float32'
         self.overwrite = overwrite
+        self.resume = resume
         self.verbose = verbose
         self._built_for: Optional[HypencoderIndexFiles] = None  # set by HypencoderIndex.indexer()
 
@@ -114,20 +127,25 @@ class HypencoderIndexer(pt.Indexer):
         # Everything is written to a hidden sibling and moved into place at the end, so an interrupted run never
         # leaves a folder that loads.
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        resumable = self.path.parent / f'.{self.path.name}.building-resume'
         if self.overwrite:
-            # Partial folders of earlier, killed runs at this path.
+            # Partial folders of earlier, killed runs at this path (a resumable one too: overwrite starts over).
             for stale in self.path.parent.glob(f'.{self.path.name}.building-*'):
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.path.parent / f'.{self.path.name}.building-{uuid.uuid4().hex[:8]}'
-        tmp.mkdir()
+        elif resumable.exists() and not self.resume:
+            raise FileExistsError(f'{resumable} holds an interrupted build of this index: pass resume=True to continue '
+                                  'it, or overwrite=True to start over')
+        tmp = resumable if self.resume else self.path.parent / f'.{self.path.name}.building-{uuid.uuid4().hex[:8]}'
+        tmp.mkdir(exist_ok=self.resume)
         try:
             meta = self._build(docs, tmp)
             with open(tmp / 'pt_meta.json', 'w') as f:
                 json.dump(meta, f, indent=1)
             self._move_into_place(tmp)
-        finally:
-            if tmp.exists():
+        except BaseException:
+            if not self.resume:
                 shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self._built_for is not None:
             self._built_for._forget()  # it may hold the replaced index's metadata and memory maps
             return self._built_for
@@ -170,34 +188,85 @@ class HypencoderIndexer(pt.Indexer):
             return model
         return copy.deepcopy(model).to(want)
 
-    def _encode_into(self, docs, model, fvec, builder, progress) -> int:
-        """Checks, encodes and writes the documents chunk by chunk; returns how many there were."""
+    def _settings(self, model) -> Dict[str, Any]:
+        """What a resumed build must share with the interrupted one (the probe vector identifies the model)."""
+        with torch.inference_mode():
+            probe = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
+        return {'model': getattr(model, 'name_or_path', None), 'vec_size': model.dim, 'dtype': self.dtype,
+                'pooling': model.pooling, 'doc_max_length': model.doc_max_length, 'text_field': self.text_fields,
+                'probe': [round(float(x), 6) for x in probe]}
+
+    def _resume_point(self, folder: Path, settings: Dict[str, Any]) -> List[str]:
+        """The docnos a resumable build in ``folder`` has encoded (none for a new one); files are cut back to them."""
+        progress = folder / _PROGRESS
+        if not progress.exists():
+            for name in (_VEC_FILES[self.dtype], _DOCNOS_PARTIAL):
+                (folder / name).unlink(missing_ok=True)
+            return []
+        state = json.loads(progress.read_text())
+        differs = [key for key in settings if key != 'probe' and state['settings'].get(key) != settings[key]]
+        if not differs and np.linalg.norm(np.subtract(state['settings']['probe'], settings['probe'])) > \
+                1e-3 * max(np.linalg.norm(settings['probe']), 1e-6):
+            differs = ['the model\'s weights']
+        if differs:
+            raise ValueError(f'the interrupted build in {folder} used other settings ({", ".join(differs)}): resume it '
+                             'with the same model and options, or pass overwrite=True to start over')
+        count = int(state['count'])
+        # A run killed mid-chunk may have written past the last recorded chunk: cut both files back to it.
+        with open(folder / _VEC_FILES[self.dtype], 'r+b') as f:
+            f.truncate(count * settings['vec_size'] * np.dtype(self.dtype).itemsize)
+        with open(folder / _DOCNOS_PARTIAL, 'rb') as f:
+            lines = f.read().splitlines()[:count]
+        with open(folder / _DOCNOS_PARTIAL, 'wb') as f:
+            f.write(b''.join(line + b'\n' for line in lines))
+        return [json.loads(line) for line in lines]
+
+    def _check_doc(self, doc, i: int) -> str:
+        if not isinstance(doc, dict):
+            raise TypeError(f'document {i} is a {type(doc).__name__}, not a dict: index() takes dicts with a "docno" and '
+                            f'{self.text_fields} (e.g. dataset.get_corpus_iter()) or a DataFrame with those columns')
+        docno = doc.get('docno')
+        if _is_missing(docno):
+            raise ValueError(f'document {i} has no docno: each document must be a dict with a "docno" and '
+                             f'{self.text_fields}; it has {sorted(doc)}')
+        return str(docno)
+
+    def _encode_into(self, docs, model, folder: Path, settings: Dict[str, Any], done: List[str], progress) -> int:
+        """Checks, encodes and writes the documents chunk by chunk (after the ``done`` ones of an interrupted
+        build, which are checked, not encoded); returns how many there were."""
         count = 0
         # Every docno seen so far, so a duplicate fails before the chunks after it are encoded (an exact set: about
         # 100 bytes per document, far less than the vectors; the final check below also catches npids aliasing).
         seen: Dict[str, int] = {}
-        for chunk in _chunks(docs, self.chunk_size):
-            for i, doc in enumerate(chunk):
-                if not isinstance(doc, dict):
-                    raise TypeError(f'document {count + i} is a {type(doc).__name__}, not a dict: index() takes dicts '
-                                    f'with a "docno" and {self.text_fields} (e.g. dataset.get_corpus_iter()) or a '
-                                    'DataFrame with those columns')
-                docno = doc.get('docno')
-                if _is_missing(docno):
-                    raise ValueError(f'document {count + i} has no docno: each document must be a dict with a '
-                                     f'"docno" and {self.text_fields}; it has {sorted(doc)}')
-                docno = str(docno)
-                if seen.setdefault(docno, count + i) != count + i:
-                    raise ValueError(f'duplicate docno {docno!r} (documents {seen[docno]} and {count + i}); docnos '
-                                     'must be unique in a corpus')
-                builder.add(docno)
-            texts = self._texts(chunk, count)
-            with torch.inference_mode():
-                vecs = model.encode_docs(texts, batch_size=self.batch_size)
-            fvec.write(vecs.float().cpu().numpy().astype(self.dtype).tobytes())
-            count += len(chunk)
-            progress.update(len(chunk))
-        # Checked before the builder closes: npids cannot finish a lookup of fewer than two docnos.
+        with open(folder / _VEC_FILES[self.dtype], 'ab') as fvec, open(folder / _DOCNOS_PARTIAL, 'a') as fdoc:
+            for chunk in _chunks(docs, self.chunk_size):
+                docnos = [self._check_doc(doc, count + i) for i, doc in enumerate(chunk)]
+                for i, docno in enumerate(docnos):
+                    if seen.setdefault(docno, count + i) != count + i:
+                        raise ValueError(f'duplicate docno {docno!r} (documents {seen[docno]} and {count + i}); docnos '
+                                         'must be unique in a corpus')
+                    if count + i < len(done) and done[count + i] != docno:
+                        raise ValueError(f'document {count + i} has docno {docno!r}, but the interrupted build encoded '
+                                         f'{done[count + i]!r} there: resume with the same documents in the same order, '
+                                         'or pass overwrite=True to start over')
+                skip = max(0, min(len(chunk), len(done) - count))  # encoded by the interrupted build
+                if skip < len(chunk):
+                    texts = self._texts(chunk[skip:], count + skip)
+                    with torch.inference_mode():
+                        vecs = model.encode_docs(texts, batch_size=self.batch_size)
+                    fvec.write(vecs.float().cpu().numpy().astype(self.dtype).tobytes())
+                    fdoc.write(''.join(json.dumps(d) + '\n' for d in docnos[skip:]))
+                    fvec.flush()
+                    fdoc.flush()
+                    if self.resume:  # the chunk is on disk before the progress file says so
+                        os.fsync(fvec.fileno())
+                        os.fsync(fdoc.fileno())
+                        _write_json(folder / _PROGRESS, {'count': count + len(chunk), 'settings': settings})
+                count += len(chunk)
+                progress.update(len(chunk))
+        if count < len(done):
+            raise ValueError(f'{count} documents were given, but the interrupted build had already encoded {len(done)}: '
+                             'resume with the same documents, or pass overwrite=True to start over')
         if count == 0:
             raise ValueError('the corpus is empty: no documents were given to index')
         if count == 1:
@@ -207,34 +276,38 @@ class HypencoderIndexer(pt.Indexer):
 
     def _build(self, docs: Iterable[Dict[str, Any]], folder: Path) -> Dict[str, Any]:
         model = self._encoder()
+        settings = self._settings(model)
+        done = self._resume_point(folder, settings) if self.resume else []
         total = len(docs) if hasattr(docs, '__len__') else None
-        # Counts encoded documents (not documents read), so the bar moves with the real work.
-        progress = pt.tqdm(total=total, desc='indexing', unit='doc', disable=not self.verbose)
-        with open(folder / _VEC_FILES[self.dtype], 'wb') as fvec, Lookup.builder(folder / 'docnos.npids') as builder, \
-                progress:
-            try:
-                count = self._encode_into(docs, model, fvec, builder, progress)
-            except BaseException:
-                builder.fout.close()  # npids' builder closes its file only when the block succeeds
-                raise
+        # Counts documents (encoded, or checked against an interrupted build), so the bar moves with the work.
+        progress = pt.tqdm(total=total, initial=0, desc='indexing', unit='doc', disable=not self.verbose)
+        if done:
+            progress.set_postfix_str(f'resuming after {len(done)} encoded')
+        with progress:
+            count = self._encode_into(docs, model, folder, settings, done, progress)
+        # npids builds its lookup in one pass over the docnos, once they are all known.
+        (folder / 'docnos.npids').unlink(missing_ok=True)
+        with open(folder / _DOCNOS_PARTIAL) as f, Lookup.builder(folder / 'docnos.npids') as builder:
+            for line in f:
+                builder.add(json.loads(line))
         _check_unique_docnos(folder / 'docnos.npids', count)
         vectors = np.memmap(folder / _VEC_FILES[self.dtype], mode='r', dtype=self.dtype, shape=(count, model.dim))
+        for stale in folder.glob('graph_l2_k*'):  # a graph an interrupted build left half-written
+            shutil.rmtree(stale)
         graph_meta = self._build_graph(vectors, folder) if self.graph else None
-        with torch.inference_mode():
-            probe = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
+        ip_meta = build_ip_index(vectors, folder, self.ip_m, verbose=self.verbose) if self.ip_m else None
+        (folder / _DOCNOS_PARTIAL).unlink()
+        (folder / _PROGRESS).unlink(missing_ok=True)
         return {
             'type': HypencoderIndexFiles.ARTIFACT_TYPE,
             'format': HypencoderIndexFiles.ARTIFACT_FORMAT,
             'package_hint': HypencoderIndexFiles.ARTIFACT_PACKAGE_HINT,
-            'model': getattr(model, 'name_or_path', None),
-            'vec_size': model.dim,
-            'dtype': self.dtype,
+            **{key: settings[key] for key in ('model', 'vec_size', 'dtype')},
             'doc_count': count,
-            'pooling': model.pooling,
-            'doc_max_length': model.doc_max_length,
-            'text_field': self.text_fields,
+            **{key: settings[key] for key in ('pooling', 'doc_max_length', 'text_field')},
             'graph': graph_meta,
-            'probe': [round(float(x), 6) for x in probe],
+            'ip_index': ip_meta,
+            'probe': settings['probe'],
         }
 
     def _build_graph(self, vectors: np.ndarray, folder: Path) -> Optional[Dict[str, Any]]:
@@ -270,6 +343,24 @@ def write_graph(vectors: np.ndarray, folder: Path, neighbours: int, method: str 
         json.dump({'type': 'corpus_graph', 'format': 'np_topk', 'package_hint': 'pyterrier-adaptive',
                    'doc_count': n, 'k': k, 'metric': 'l2'}, f)
     return {'k': k, 'metric': 'l2', 'method': method}
+
+
+def _parse_ip_index(spec: Optional[str]) -> int:
+    """The HNSW degree of an ``ip_index`` spec (``'hnsw32'``), 0 for None."""
+    if spec is None:
+        return 0
+    m = re.fullmatch(r'hnsw(\d+)', str(spec))
+    if not m or not 2 <= int(m.group(1)) <= 256:
+        raise ValueError(f'ip_index={spec!r} is not supported: use "hnsw<M>" with M from 2 to 256 (e.g. "hnsw32"), '
+                         'or None for no inner-product index')
+    return int(m.group(1))
+
+
+def _write_json(path: Path, value) -> None:
+    """Writes ``value`` to ``path`` atomically (a killed run leaves the old file or the new one, not half of one)."""
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def _is_missing(value) -> bool:

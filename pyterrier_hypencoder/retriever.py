@@ -11,6 +11,7 @@ import torch
 
 from .common import check_backend, check_device, check_queries, load_index
 from .model import load_model
+from .pooled import pooled_search
 from .search import check_int, exhaustive_search, graph_search, place_vectors
 from .sharded import ShardedIndexFiles, open_shards
 from .walk import InnerProductIndex, adaptive_search, surrogate_search
@@ -77,7 +78,8 @@ class HypencoderRetriever(pt.Transformer):
     def __init__(self, model, index, *, num_results: int = 1000, mode: str = 'exhaustive', n_initial: int = 10000,
                  n_candidates: int = 64, max_iter: int = 16, early_stopping: bool = True, seed: int = 0,
                  n_sample: int = 128, n_entry: int = 64, max_rounds: int = 32, expand: int = 0,
-                 ef: Optional[int] = None, max_scored: Optional[int] = None, scored_column: Optional[str] = None,
+                 ef: Optional[int] = None, max_scored: Optional[int] = None, pool: int = 1024, refreshes: int = 1,
+                 stop_k: Optional[int] = None, scored_column: Optional[str] = None,
                  batch_size: int = 32, device: Union[None, str, torch.device] = None, backend: Optional[str] = None,
                  ray_options: Optional[Dict[str, Any]] = None, score_block: Optional[int] = None, verbose: bool = False):
         """
@@ -100,6 +102,12 @@ class HypencoderRetriever(pt.Transformer):
             expand: adaptive: documents expanded per graph-walk step (0: no walk, no graph needed).
             ef: adaptive walk: pool of best documents whose neighbours are scored (default num_results).
             max_scored: adaptive: budget of q-net evaluations per query (default: none).
+            pool: adaptive, on an index with an inner-product ANN index (``HypencoderIndexer(...,
+                ip_index='hnsw32')`` or ``index.add_ip_index()``): candidates drawn from it per draw (see
+                :func:`~pyterrier_hypencoder.pooled.pooled_search`). Such an index is searched that way unless
+                ``expand > 0`` (the graph walk, which ranks the whole corpus per round).
+            refreshes: adaptive, with an ANN index: fresh draws per query once its rounds stop improving.
+            stop_k: adaptive: rounds stop once one adds nothing to the top ``stop_k`` (default ``num_results``).
             scored_column: name of an extra output column holding, per query, how many documents were scored
                 (q-net evaluations); None (default) adds none.
             batch_size: queries encoded and searched together.
@@ -131,6 +139,10 @@ class HypencoderRetriever(pt.Transformer):
         check_int('n_entry', n_entry, 0)
         check_int('max_rounds', max_rounds, 0)
         check_int('expand', expand, 0)
+        check_int('pool', pool)
+        check_int('refreshes', refreshes, 0)
+        if stop_k is not None:
+            check_int('stop_k', stop_k)
         for name, value in (('ef', ef), ('max_scored', max_scored)):
             if value is not None:
                 check_int(name, value)
@@ -156,6 +168,7 @@ class HypencoderRetriever(pt.Transformer):
         self._shards = None
         self.mode = mode
         self.expand = expand  # the walk of adaptive mode needs the graph: read by _load_index_files
+        self.pool, self.refreshes, self.stop_k = int(pool), int(refreshes), stop_k
         self._load_index_files()
         self.num_results = int(num_results)
         self.n_initial = n_initial
@@ -172,6 +185,7 @@ class HypencoderRetriever(pt.Transformer):
         """Checks the index against the model and opens what searches read; again after a rebuild of the index."""
         self._generation = self.index.generation()
         self._vectors = None
+        self._pooled = False
         if isinstance(self.index, ShardedIndexFiles):
             # every shard opened now: a missing or damaged one fails here, not in the middle of an experiment
             self.index.validate(graph=self.mode == 'graph')
@@ -189,7 +203,10 @@ class HypencoderRetriever(pt.Transformer):
         # a memory map, read as the walk needs it; raises, explaining how to build a graph, if there is none
         walks = self.mode == 'graph' or (self.mode == 'adaptive' and self.expand)
         self._edges = self.index.graph_edges() if walks else None
-        self._ip_index = None  # the surrogate search's copy of the vectors, built at the first adaptive search
+        # The surrogates' inner-product index: the index's HNSW one (loaded at the first adaptive search), else a
+        # float32 copy of the vectors, built then.
+        self._ip_index = None
+        self._pooled = self.mode == 'adaptive' and not self.expand and self.index.has_ip_index()
 
     def __repr__(self) -> str:
         args = [repr(str(self.index.path)), f'num_results={self.num_results}', f'mode={self.mode!r}']
@@ -205,8 +222,11 @@ class HypencoderRetriever(pt.Transformer):
         elif self.mode in ('adaptive', 'surrogate'):
             args += [f'n_sample={self.n_sample}', f'n_entry={self.n_entry}']
             if self.mode == 'adaptive':
-                args += [f'max_rounds={self.max_rounds}', f'expand={self.expand}', f'ef={self.ef}',
-                         f'max_scored={self.max_scored}']
+                args += [f'max_rounds={self.max_rounds}', f'max_scored={self.max_scored}', f'stop_k={self.stop_k}']
+                if self._pooled:
+                    args += [f'pool={self.pool}', f'refreshes={self.refreshes}']
+                else:
+                    args += [f'expand={self.expand}', f'ef={self.ef}']
             args.append(f'seed={self.seed}')
         return f'HypencoderRetriever({", ".join(args)})'
 
@@ -260,6 +280,14 @@ class HypencoderRetriever(pt.Transformer):
             return graph_search(qnets, vectors, self._edges, self.num_results, n_initial=self.n_initial,
                                 n_candidates=self.n_candidates, max_iter=self.max_iter,
                                 early_stopping=self.early_stopping, seed=self.seed)
+        if self._pooled:
+            if self._ip_index is None:
+                self._ip_index = self.index.ip_index()
+            result = pooled_search(qnets, vectors, self._ip_index, self.num_results, n_sample=self.n_sample,
+                                   pool=self.pool, n_entry=self.n_entry, max_rounds=self.max_rounds,
+                                   refreshes=self.refreshes, stop_k=self.stop_k, max_scored=self.max_scored,
+                                   seed=self.seed)
+            return result.scores, result.ids, result.n_scored
         if self._ip_index is None:  # a float32 copy of the vectors, built once per retriever
             self._ip_index = InnerProductIndex(vectors)
         if self.mode == 'surrogate':
@@ -268,7 +296,8 @@ class HypencoderRetriever(pt.Transformer):
         else:
             result = adaptive_search(qnets, vectors, self._edges, self.num_results, n_sample=self.n_sample,
                                      n_entry=self.n_entry, max_rounds=self.max_rounds, expand=self.expand, ef=self.ef,
-                                     max_scored=self.max_scored, seed=self.seed, ip_index=self._ip_index)
+                                     max_scored=self.max_scored, stop_k=self.stop_k, seed=self.seed,
+                                     ip_index=self._ip_index)
         return result.scores, result.ids, result.n_scored
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:

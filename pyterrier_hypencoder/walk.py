@@ -51,7 +51,7 @@ class WalkResult(NamedTuple):
     n_iter: torch.Tensor
 
 
-def _check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed):
+def check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed):
     check_int('k (the number of results)', k)
     check_int('n_sample', n_sample, 2)
     check_int('n_entry', n_entry, 0)
@@ -256,7 +256,7 @@ def surrogate_search(qnets: QNets, vectors: VectorsLike, k: int, *, n_sample: in
     Raises:
         ValueError: on a parameter out of range or vectors of the wrong shape.
     """
-    _check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed)
+    check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed)
     check_int('refits', refits, 0)
     return _run(qnets, vectors, None, k, k, n_sample, n_entry, refits + 1, False, _NO_BUDGET, ridge, seed, ip_index,
                 None)
@@ -299,7 +299,7 @@ def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarr
     Raises:
         ValueError: on a parameter out of range, or ``edges`` or ``vectors`` of the wrong shape.
     """
-    n = _check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed)
+    n = check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed)
     check_int('max_rounds', max_rounds, 0)
     check_int('expand', expand, 0)
     check_int('max_iter', max_iter, 0)

