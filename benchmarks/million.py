@@ -122,18 +122,56 @@ def rr10(ids: np.ndarray, docnos: np.ndarray, qids, rel_docs) -> float:
     return float(np.mean(out))
 
 
-def ground_truth(name, qnets, x, n, cache: Path, batch: int = 32) -> np.ndarray:
-    """Exhaustive top-``K`` row ids per query (cached: it is the benchmark's most expensive part)."""
+def ground_truth(name, qnets, x, n, cache: Path, k: int = K, batch: int = 32, tag: str = ''):
+    """Exhaustive top-``k`` row ids per query and the seconds it took (cached: the benchmark's costliest part)."""
     from pyterrier_hypencoder.search import exhaustive_search
-    path = cache / f'gt-{name}-{n}-{len(qnets)}.npy'
+    path = cache / f'gt-{name}-{n}-{len(qnets)}-k{k}{tag}.npy'
     if path.exists():
-        return np.load(path)
-    print(f'  ground truth {name} n={n:,}', flush=True)
+        return np.load(path), None
+    print(f'  ground truth: {name}, n={n:,}, top {k}', flush=True)
     with torch.inference_mode():
-        parts, _ = per_batch(lambda q: exhaustive_search(q, x, K)[1].numpy(), qnets, batch)
+        parts, secs = per_batch(lambda q: exhaustive_search(q, x, k)[1].numpy(), qnets, batch)
     ids = np.concatenate(parts)
     np.save(path, ids)
-    return ids
+    return ids, float(secs.sum())
+
+
+def truth_within(full_ids: np.ndarray, rows: np.ndarray):
+    """A subsample's exhaustive top-``K`` from the full corpus' top-``k'`` (``k' > K``): the first ``K`` of those the
+    subsample holds, as its local rows. Exact for the queries with at least ``K`` of them (returned as a mask)."""
+    pos = np.searchsorted(rows, full_ids)
+    held = (pos < len(rows)) & (rows[np.minimum(pos, len(rows) - 1)] == full_ids)
+    out = np.full((len(full_ids), K), -1, dtype=np.int64)
+    ok = held.sum(1) >= K
+    for q in np.nonzero(ok)[0]:
+        out[q] = pos[q][held[q]][:K]
+    return out, ok
+
+
+def all_truths(names, qnets, vectors, order, sizes, cache: Path, deep: int) -> tuple:
+    """Every size's ground truth: the largest size's top-``deep`` computed, smaller sizes' taken from it where
+    exact, computed where not. Returns ``({(name, n): ids}, {name: seconds per query of the computed runs})``."""
+    truths, timing = {}, {}
+    top = max(sizes)
+    x = np.ascontiguousarray(vectors[np.sort(order[:top])], dtype=np.float32)
+    for name in names:
+        full, secs = ground_truth(name, qnets[name], x, top, cache, k=deep if len(sizes) > 1 else K)
+        truths[name, top] = full[:, :K]
+        if secs is not None:
+            timing[name] = {'n': top, 'k': int(full.shape[1]), 'ms_per_query': 1e3 * secs / len(full),
+                            'load': os.getloadavg()[0]}
+        for n in sizes:
+            if n == top:
+                continue
+            rows = np.sort(order[:n])
+            ids, ok = truth_within(np.sort(order[:top])[full], rows)
+            if not ok.all():  # too few of the top-`deep` in this subsample: compute those queries' truth
+                sub = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+                missing = np.nonzero(~ok)[0]
+                ids[missing], _ = ground_truth(name, qnets[name][torch.from_numpy(missing)], sub, n, cache,
+                                               tag=f'-of{len(ok)}-{missing[0]}-{missing[-1]}')
+            truths[name, n] = ids
+    return truths, timing
 
 
 def faiss_bebase(x: np.ndarray, n: int, cache: Path, m: int):
@@ -303,6 +341,8 @@ def parse_args(argv=None):
     parser.add_argument('--timed-queries', type=int, default=32, help='exhaustive search timed at batch 32 on these')
     parser.add_argument('--latency-queries', type=int, default=4, help='exhaustive search timed at batch 1 on these')
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--deep-truth', type=int, default=2000,
+                        help='exhaustive top-k computed at the largest size; smaller sizes take theirs from it')
     parser.add_argument('--hnsw-m', type=int, default=32)
     parser.add_argument('--faiss-ef', type=int, default=128, help='efSearch of the BE-Base FAISS baseline')
     parser.add_argument('--exact-below', type=int, default=0,
@@ -357,6 +397,7 @@ def main(argv=None) -> dict:
                'load_before': os.getloadavg(), 'rows': [], 'builds': {}}
     started = time.time()
     vectors = index.vectors()
+    truths, results['ground_truth'] = all_truths(names, qnets, vectors, order, sizes, cache, args.deep_truth)
     for n in sizes:
         rows = np.sort(order[:n])
         x = np.ascontiguousarray(vectors[rows], dtype=np.float32)
@@ -364,9 +405,8 @@ def main(argv=None) -> dict:
         ip, ip_secs = ip_index_for(index, x, n, cache, args.hnsw_m)
         fx, fx_secs = faiss_bebase(x, n, cache, args.hnsw_m)
         results['builds'][n] = {'ip_hnsw_seconds': ip_secs, 'bebase_hnsw_seconds': fx_secs}
-        truth = {name: ground_truth(name, qnets[name], x, n, cache) for name in names}
         for name in names:  # interleaved: every method of one q-net back to back, then the next q-net
-            row = measure(name, qnets[name], x, ip, truth[name], docnos, qids, rel_docs, args)
+            row = measure(name, qnets[name], x, ip, truths[name, n], docnos, qids, rel_docs, args)
             row['load'] = os.getloadavg()[0]
             results['rows'].append(row)
             print(f'n={n:,} {name}: exhaustive {row["exhaustive_ms_b32"]:.0f} ms/q (b32), adaptive '
