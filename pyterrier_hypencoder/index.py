@@ -8,15 +8,16 @@ import time
 import uuid
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pyterrier_alpha as pta
 from npids import Lookup
+from npids.builder import FwdLookupBuilder, InvLookupBuilder
 
 from .optional import require
 
-__all__ = ['HypencoderIndexFiles', 'HypencoderIndexError']
+__all__ = ['HypencoderIndexFiles', 'HypencoderIndexError', 'write_docnos']
 
 _VEC_FILES = {'float32': 'vecs.f4', 'float16': 'vecs.f2'}
 _PROBE_TEXT = 'pyterrier-hypencoder probe: does this model encode documents like the one that built the index?'
@@ -24,6 +25,33 @@ _PROBE_TEXT = 'pyterrier-hypencoder probe: does this model encode documents like
 
 class HypencoderIndexError(ValueError):
     """An index that is missing, incomplete, corrupt, or does not fit the model it is used with."""
+
+
+class _DocnoBuilder(FwdLookupBuilder):
+    """npids' builder, less its one failure: a block of one docno that no earlier format could take (e.g. a last
+    docno longer than the ones before it) gets the fixed-bytes format of width 0, which npids 0.1.3 writes but
+    cannot read back (ZeroDivisionError on load). Formats of width 0 are dropped here, unless nothing else fits,
+    in which case the fixed-bytes prefix gives up a byte."""
+
+    def _commit(self):
+        if self.seeds:
+            fits = {name: f for name, f in self.seeded_formats.items() if f.size() > 0}
+            if fits:
+                self.seeded_formats = fits
+            elif getattr(self.seeded_formats.get('fixedbytes'), 'prefix', None):
+                self.seeded_formats['fixedbytes'].prefix = self.seeded_formats['fixedbytes'].prefix[:-1]
+        super()._commit()
+
+
+def write_docnos(path: Union[str, os.PathLike], docnos: Iterable[str]) -> None:
+    """Writes ``docnos`` (in index order) as an npids lookup at ``path`` (``docnos.npids``), both directions."""
+    builder = _DocnoBuilder(path)
+    try:
+        for docno in docnos:
+            builder.add(docno)
+    finally:
+        builder.close()
+    InvLookupBuilder.build(path)
 
 
 def build_ip_index(vectors: np.ndarray, folder: Path, m: int, ef_construction: int = 80,

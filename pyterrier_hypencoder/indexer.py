@@ -23,7 +23,7 @@ import torch
 from npids import Lookup
 
 from .graph import METHODS, build_knn_graph
-from .index import _PROBE_TEXT, _VEC_FILES, HypencoderIndexFiles, _graph_dirname, build_ip_index
+from .index import _PROBE_TEXT, _VEC_FILES, HypencoderIndexFiles, _graph_dirname, build_ip_index, write_docnos
 from .model import default_device, load_model
 
 __all__ = ['HypencoderIndexer', 'write_graph']
@@ -190,11 +190,14 @@ class HypencoderIndexer(pt.Indexer):
 
     def _settings(self, model) -> Dict[str, Any]:
         """What a resumed build must share with the interrupted one (the probe vector identifies the model)."""
+        return {'model': getattr(model, 'name_or_path', None), 'vec_size': model.dim, 'dtype': self.dtype,
+                'pooling': model.pooling, 'doc_max_length': model.doc_max_length, 'text_field': self.text_fields}
+
+    @staticmethod
+    def _probe(model) -> List[float]:
         with torch.inference_mode():
             probe = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
-        return {'model': getattr(model, 'name_or_path', None), 'vec_size': model.dim, 'dtype': self.dtype,
-                'pooling': model.pooling, 'doc_max_length': model.doc_max_length, 'text_field': self.text_fields,
-                'probe': [round(float(x), 6) for x in probe]}
+        return [round(float(x), 6) for x in probe]
 
     def _resume_point(self, folder: Path, settings: Dict[str, Any]) -> List[str]:
         """The docnos a resumable build in ``folder`` has encoded (none for a new one); files are cut back to them."""
@@ -277,6 +280,8 @@ class HypencoderIndexer(pt.Indexer):
     def _build(self, docs: Iterable[Dict[str, Any]], folder: Path) -> Dict[str, Any]:
         model = self._encoder()
         settings = self._settings(model)
+        if self.resume:  # a resumable build records the probe first, to recognise the model when it resumes
+            settings['probe'] = self._probe(model)
         done = self._resume_point(folder, settings) if self.resume else []
         total = len(docs) if hasattr(docs, '__len__') else None
         # Counts documents (encoded, or checked against an interrupted build), so the bar moves with the work.
@@ -287,9 +292,8 @@ class HypencoderIndexer(pt.Indexer):
             count = self._encode_into(docs, model, folder, settings, done, progress)
         # npids builds its lookup in one pass over the docnos, once they are all known.
         (folder / 'docnos.npids').unlink(missing_ok=True)
-        with open(folder / _DOCNOS_PARTIAL) as f, Lookup.builder(folder / 'docnos.npids') as builder:
-            for line in f:
-                builder.add(json.loads(line))
+        with open(folder / _DOCNOS_PARTIAL) as f:
+            write_docnos(folder / 'docnos.npids', (json.loads(line) for line in f))
         _check_unique_docnos(folder / 'docnos.npids', count)
         vectors = np.memmap(folder / _VEC_FILES[self.dtype], mode='r', dtype=self.dtype, shape=(count, model.dim))
         for stale in folder.glob('graph_l2_k*'):  # a graph an interrupted build left half-written
@@ -307,7 +311,8 @@ class HypencoderIndexer(pt.Indexer):
             **{key: settings[key] for key in ('pooling', 'doc_max_length', 'text_field')},
             'graph': graph_meta,
             'ip_index': ip_meta,
-            'probe': settings['probe'],
+            # Encoded last in a one-off build, so bad documents fail before anything but their chunk is encoded.
+            'probe': settings['probe'] if 'probe' in settings else self._probe(model),
         }
 
     def _build_graph(self, vectors: np.ndarray, folder: Path) -> Optional[Dict[str, Any]]:

@@ -29,9 +29,8 @@ import numpy as np
 import pyterrier as pt
 import pyterrier_alpha as pta
 import torch
-from npids import Lookup
 
-from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, _file_stamp
+from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, _file_stamp, write_docnos
 from .indexer import write_graph
 from .optional import require
 from .search import check_int, exhaustive_search, graph_search, merge_topk, place_vectors
@@ -380,10 +379,8 @@ def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int]
             with open(vec_file, 'wb') as f:
                 for start in range(lo, hi, 1 << 16):
                     f.write(np.ascontiguousarray(source.vectors()[start:min(start + (1 << 16), hi)]).tobytes())
-            with Lookup.builder(folder / 'docnos.npids') as builder:
-                for start in range(lo, hi, 1 << 16):
-                    for d in source.docnos.fwd[np.arange(start, min(start + (1 << 16), hi))]:
-                        builder.add(str(d))
+            write_docnos(folder / 'docnos.npids', (str(d) for start in range(lo, hi, 1 << 16)
+                                                   for d in source.docnos.fwd[np.arange(start, min(start + (1 << 16), hi))]))
             meta = dict(smeta, doc_count=count, graph=None)
             if graph:
                 vecs = np.memmap(vec_file, mode='r', dtype=smeta['dtype'], shape=(count, smeta['vec_size']))

@@ -196,3 +196,14 @@ def test_retriever_draws_from_the_stored_ip_index(tiny_model, tmp_path):
     # With a graph walk asked for, the exact reference search runs (and needs the graph).
     with pytest.raises(ValueError, match='graph'):
         HypencoderRetriever(tiny_model, index, mode='adaptive', expand=4)
+
+
+def test_a_last_docno_no_block_format_fits_is_stored(tiny_model, tmp_path):
+    # npids alone writes a one-docno block of width 0 here, which it cannot read back (seen at 906,627 documents:
+    # the corpus ends with one docno longer than all before it).
+    names = [f'pypi:{chr(97 + i % 26)}{chr(97 + i // 26)}' + 'x' * (i % 5) for i in range(300)]
+    names.append('pypi:' + 'z' * 60)  # longer than the fixed width of the block before it
+    docs = [{'docno': name, 'text': f'document {i}'} for i, name in enumerate(names)]
+    index = HypencoderIndexer(tiny_model, tmp_path / 'i', neighbours=0, verbose=False).index(docs)
+    assert list(index.docnos.fwd[[0, 299, 300]]) == [names[0], names[299], names[300]]
+    assert index.docnos.inv[names[300]] == 300
