@@ -353,6 +353,8 @@ def parse_args(argv=None):
     parser.add_argument('--max-rounds', type=int, default=32)
     parser.add_argument('--refreshes', type=int, default=1)
     parser.add_argument('--stop-k', type=int, default=None)
+    parser.add_argument('--truth-only', action='store_true',
+                        help='compute and cache the exhaustive ground truth, then stop (it is not a timed figure)')
     parser.add_argument('--quick', action='store_true', help='a 12,000-document index built here, 3 sizes, 50 queries')
     parser.add_argument('--quick-docs', type=int, default=12000)
     args = parser.parse_args(argv)
@@ -398,6 +400,9 @@ def main(argv=None) -> dict:
     started = time.time()
     vectors = index.vectors()
     truths, results['ground_truth'] = all_truths(names, qnets, vectors, order, sizes, cache, args.deep_truth)
+    if args.truth_only:  # e.g. ahead of the timed run, while the machine is busy with something else
+        print(f'ground truth cached in {rel(cache)}')
+        return results
     for n in sizes:
         rows = np.sort(order[:n])
         x = np.ascontiguousarray(vectors[rows], dtype=np.float32)

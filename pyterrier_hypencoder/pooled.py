@@ -200,18 +200,21 @@ def pooled_search(qnets: QNets, vectors: VectorsLike, ip_index: InnerProductInde
             break
         n_inner[act] += pools.ids.shape[1]
         ids = pools.best(act, w[torch.from_numpy(act)], np.minimum(n_entry, budget - n_scored[act]))
-        scores = _score(qnets, vectors, act, ids)
-        valid = ids >= 0
-        n_scored[act] += valid.sum(1)
         n_iter[act] += 1
-        entered = top.merge(act, ids, scores)
-        full_ids = np.full((n_queries, ids.shape[1]), -1, dtype=np.int64)
-        full_ids[act] = ids
-        full_scores = torch.zeros(n_queries, ids.shape[1])
-        full_scores[torch.from_numpy(act)] = torch.where(torch.from_numpy(valid), scores, torch.zeros_like(scores))
-        normal.add(_gather(qnets, vectors, np.maximum(full_ids, 0)).float().cpu(), full_scores,
-                   torch.from_numpy(full_ids >= 0))
-        w = normal.solve()
+        if ids.shape[1] == 0:  # no active pool holds an unscored document (e.g. the sample covered the corpus)
+            entered = np.zeros(len(act), dtype=np.int64)
+        else:
+            scores = _score(qnets, vectors, act, ids)
+            valid = ids >= 0
+            n_scored[act] += valid.sum(1)
+            entered = top.merge(act, ids, scores)
+            full_ids = np.full((n_queries, ids.shape[1]), -1, dtype=np.int64)
+            full_ids[act] = ids
+            full_scores = torch.zeros(n_queries, ids.shape[1])
+            full_scores[torch.from_numpy(act)] = torch.where(torch.from_numpy(valid), scores, torch.zeros_like(scores))
+            normal.add(_gather(qnets, vectors, np.maximum(full_ids, 0)).float().cpu(), full_scores,
+                       torch.from_numpy(full_ids >= 0))
+            w = normal.solve()
         stalled = act[(entered == 0) | ~pools.open[act].any(1)]
         active[stalled[left[stalled] == 0]] = False
         again = stalled[left[stalled] > 0]

@@ -22,8 +22,8 @@ import torch
 
 from .index import HypencoderIndexError, HypencoderIndexFiles
 from .indexer import HypencoderIndexer
-from .search import merge_topk, place_vectors
-from .sharded import ShardedIndexFiles, _shard_dirname, search_shard
+from .search import merge_topk
+from .sharded import ShardedIndexFiles, ShardSearcher, _shard_dirname
 
 __all__ = ['RayShards', 'ShardActor', 'ShardSearchError', 'build_shards']
 
@@ -61,20 +61,19 @@ class ShardActor:
         self.shard.meta  # noqa: B018 -- validates the folder; an error here names it
         if graph:
             self.shard.graph_edges()
-        self.shard_no, self.offset, self.total = shard_no, offset, total
+        self.shard_no = shard_no
         self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         self.dtype = getattr(torch, dtype)
-        self.vectors_placed = place_vectors(self.shard.vectors(), self.device, self.dtype)
+        self.searcher = ShardSearcher(self.shard, shard_no, offset, total, self.device, self.dtype)
 
     def ready(self) -> int:
         return len(self.shard)
 
-    def search(self, qnets, k: int, mode: str, walk: Dict[str, Any], block: Optional[int]):
+    def search(self, qnets, k: int, mode: str, params: Dict[str, Any], block: Optional[int]):
         _maybe_crash(self.shard_no)
         with torch.inference_mode():
-            scores, ids = search_shard(self.shard, self.vectors_placed, qnets.to(self.device, self.dtype), k,
-                                       self.offset, mode, walk, block, self.shard_no, self.total)
-        return scores.numpy(), ids.numpy()
+            scores, ids, scored = self.searcher.search(qnets.to(self.device, self.dtype), k, mode, params, block)
+        return scores.numpy(), ids.numpy(), scored.numpy()
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self.shard.vectors()[rows])
@@ -138,13 +137,15 @@ class RayShards:
                                        f'{type(e).__name__}: {cause}') from e
         return out
 
-    def search(self, qnets, k: int, mode: str, walk: Dict[str, Any], block: Optional[int]):
+    def search(self, qnets, k: int, mode: str, params: Dict[str, Any], block: Optional[int]):
+        """The merged top-``k`` ``(scores, global ids, documents scored per query)`` of every shard's actor."""
         self._check_open()
         ref = ray.put(qnets.to('cpu'))  # once per batch, shared by every actor
-        parts = self._get([a.search.remote(ref, k, mode, walk, block) for a in self.actors], 'search')
+        parts = self._get([a.search.remote(ref, k, mode, params, block) for a in self.actors], 'search')
         # copies: arrays from the object store are read-only, and they are only k wide
-        return merge_topk([torch.from_numpy(np.array(p[0])) for p in parts], [torch.from_numpy(np.array(p[1])) for p in parts],
-                          k)
+        scores, ids = merge_topk([torch.from_numpy(np.array(p[0])) for p in parts],
+                                 [torch.from_numpy(np.array(p[1])) for p in parts], k)
+        return scores, ids, torch.from_numpy(sum(np.asarray(p[2], dtype=np.int64) for p in parts))
 
     def vectors(self, rows: np.ndarray) -> torch.Tensor:
         """The stored vectors of global ``rows``, fetched from the actors that hold them."""

@@ -65,7 +65,10 @@ class HypencoderRetriever(pt.Transformer):
     and the walks' results are merged. That differs from one walk over one graph: no walk can cross into
     another shard (the shard graphs have no edges between shards), each shard expands up to ``n_candidates``
     documents per step and stops early on its own, so S shards score up to S times as many documents per step,
-    and the results, while usually at least as good, are not those of the unsharded walk.
+    and the results, while usually at least as good, are not those of the unsharded walk. In adaptive and
+    surrogate modes each shard runs its own rounds with the full parameters (from its own inner-product ANN index
+    where it has one), so S shards score up to S times as many documents, and the merged lists hold each shard's
+    best; ``scored_column`` counts the documents scored in all shards.
 
     Example::
 
@@ -89,8 +92,8 @@ class HypencoderRetriever(pt.Transformer):
             index: a :class:`~pyterrier_hypencoder.index.HypencoderIndex` or its path (relative paths are resolved
                 against the working directory now).
             num_results: documents per query.
-            mode: ``exhaustive`` (exact), ``graph`` (the paper's walk), ``adaptive`` (refitted surrogate rounds; single
-                index only) or ``surrogate`` (the two-stage baseline; single index only).
+            mode: ``exhaustive`` (exact), ``graph`` (the paper's walk), ``adaptive`` (refitted surrogate rounds) or
+                ``surrogate`` (the two-stage baseline).
             n_initial: graph mode: documents sampled at random to start the walk.
             n_candidates: graph mode: best documents of each step whose neighbours are scored next.
             max_iter: graph mode: maximum number of steps.
@@ -156,13 +159,6 @@ class HypencoderRetriever(pt.Transformer):
         self.model = load_model(model, device=device, user='HypencoderRetriever')
         self.index = load_index(index)
         check_backend(self.index, backend)
-        if isinstance(self.index, ShardedIndexFiles):
-            if mode in ('adaptive', 'surrogate'):
-                raise ValueError(f'mode={mode!r} searches one index; over a sharded index use mode="exhaustive" or '
-                                 '"graph" (or search each shard\'s own index)')
-            if scored_column is not None and mode != 'exhaustive':
-                raise ValueError('scored_column is not available for a graph walk over a sharded index (the shards '
-                                 'do not report their counts); drop scored_column or use one index')
         self.score_block = score_block
         self._backend = (backend, ray_options)
         self._shards = None
@@ -188,15 +184,19 @@ class HypencoderRetriever(pt.Transformer):
         self._pooled = False
         if isinstance(self.index, ShardedIndexFiles):
             # every shard opened now: a missing or damaged one fails here, not in the middle of an experiment
-            self.index.validate(graph=self.mode == 'graph')
+            walks = self.mode == 'graph' or (self.mode == 'adaptive' and self.expand)
+            self.index.validate(graph=walks)
             self.index.check_model(self.model)
             self._edges = None
             if self._shards is not None:
                 self._shards.close()  # a rebuilt sharded index: new shards, new actors
             backend, ray_options = self._backend
             if backend not in (None, 'local'):
-                ray_options = dict(ray_options or {}, graph=self.mode == 'graph')
+                ray_options = dict(ray_options or {}, graph=walks)
             self._shards = open_shards(self.index, backend, self.search_device, self.model.dtype, ray_options)
+            # (for the repr: each shard decides for itself, and draws from its own ANN index when it has one)
+            self._pooled = self.mode == 'adaptive' and not self.expand and all(
+                self.index.shard(i).has_ip_index() for i in range(self.index.n_shards))
             return
         self.index.check_model(self.model)
         self.index.docnos  # noqa: B018 -- a damaged docno file fails now, not after the first search
@@ -267,11 +267,12 @@ class HypencoderRetriever(pt.Transformer):
     def _search(self, qnets):
         """``(scores, ids, documents scored per query)`` for a batch of q-nets."""
         if self._shards is not None:
-            walk = {'n_initial': self.n_initial, 'n_candidates': self.n_candidates, 'max_iter': self.max_iter,
-                    'early_stopping': self.early_stopping, 'seed': self.seed}
-            scores, ids = self._shards.search(qnets, self.num_results, self.mode, walk, self.score_block)
-            # exhaustive only: a sharded graph walk does not count (scored_column is refused for it)
-            return scores, ids, torch.full((len(qnets),), len(self.index))
+            params = {'seed': self.seed, 'n_initial': self.n_initial, 'n_candidates': self.n_candidates,
+                      'max_iter': self.max_iter, 'early_stopping': self.early_stopping, 'n_sample': self.n_sample,
+                      'n_entry': self.n_entry, 'max_rounds': self.max_rounds, 'pool': self.pool,
+                      'refreshes': self.refreshes, 'stop_k': self.stop_k, 'max_scored': self.max_scored,
+                      'expand': self.expand, 'ef': self.ef}
+            return self._shards.search(qnets, self.num_results, self.mode, params, self.score_block)
         vectors = self._search_vectors()
         if self.mode == 'exhaustive':
             scores, ids = exhaustive_search(qnets, vectors, self.num_results, block=self.score_block)

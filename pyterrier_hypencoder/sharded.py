@@ -30,12 +30,15 @@ import pyterrier as pt
 import pyterrier_alpha as pta
 import torch
 
-from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, _file_stamp, write_docnos
+from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, _file_stamp, build_ip_index, write_docnos
 from .indexer import write_graph
 from .optional import require
+from .pooled import pooled_search
 from .search import check_int, exhaustive_search, graph_search, merge_topk, place_vectors
+from .surrogate import InnerProductIndex
+from .walk import adaptive_search, surrogate_search
 
-__all__ = ['ShardedIndexFiles', 'LocalShards', 'open_shards', 'search_shard', 'shard_sizes', 'split_index']
+__all__ = ['ShardedIndexFiles', 'LocalShards', 'ShardSearcher', 'open_shards', 'shard_sizes', 'split_index']
 
 
 def _shard_dirname(i: int) -> str:
@@ -241,22 +244,73 @@ class _ShardedDocnos:
         return out.reshape(rows.shape)
 
 
-def search_shard(shard: HypencoderIndexFiles, vectors, qnets, k: int, offset: int, mode: str, walk: Dict[str, Any],
-                 block: Optional[int], shard_no: int, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One shard's top-``k`` with global row ids (-1 padding), on the CPU: what each backend runs per shard.
+class ShardSearcher:
+    """One shard, placed for search, and what its searches keep between batches: what each backend runs per shard.
 
+    Every mode searches the shard on its own and returns global row ids, so the driver only merges top-k lists.
     Graph mode walks the shard's own graph with its share of the initial sample (``n_initial * count / total``,
-    at least 1) and the seed ``seed + shard_no``; see :class:`~pyterrier_hypencoder.retriever.HypencoderRetriever`.
+    at least 1). Adaptive and surrogate modes run their rounds in the shard with the full parameters: the
+    shard's top-k is then found as well as one index's would be, and the merge of the shards' exact top-k lists is
+    the exact top-k. Adaptive search draws its pools from the shard's own inner-product ANN index when it has one
+    (:func:`~pyterrier_hypencoder.pooled.pooled_search`), else it runs the exact rounds over the shard. Each shard
+    samples with the seed ``seed + shard_no``.
     """
-    if mode == 'exhaustive':
-        scores, ids = exhaustive_search(qnets, vectors, k, block=block)
-    else:
-        n = len(shard)
-        n_initial = max(1, -(-walk['n_initial'] * n // total))
-        scores, ids, _ = graph_search(qnets, vectors, shard.graph_edges(), k, n_initial=n_initial,
-                                      n_candidates=walk['n_candidates'], max_iter=walk['max_iter'],
-                                      early_stopping=walk['early_stopping'], seed=walk['seed'] + shard_no)
-    return scores, torch.where(ids >= 0, ids + offset, ids)
+
+    def __init__(self, shard: HypencoderIndexFiles, shard_no: int, offset: int, total: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.shard, self.shard_no, self.offset, self.total = shard, shard_no, offset, total
+        # Placed once (a GPU copy per shard when they fit), as the unsharded retriever does.
+        self.vectors = place_vectors(shard.vectors(), device, dtype)
+        self._exact_ip: Optional[InnerProductIndex] = None
+
+    def _ip_index(self):
+        if self.shard.has_ip_index():
+            return self.shard.ip_index()
+        if self._exact_ip is None:  # a float32 copy of the shard's vectors, built at its first surrogate search
+            self._exact_ip = InnerProductIndex(self.vectors)
+        return self._exact_ip
+
+    def search(self, qnets, k: int, mode: str, params: Dict[str, Any], block: Optional[int]
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The shard's top-``k`` ``(scores, global ids (-1 padding), documents scored per query)``, on the CPU.
+
+        Args:
+            qnets: the batch's q-nets, on the shard's device.
+            k: results per query.
+            mode: ``exhaustive``, ``graph``, ``adaptive`` or ``surrogate``.
+            params: the retriever's search parameters (``seed``; graph: ``n_initial``, ``n_candidates``,
+                ``max_iter``, ``early_stopping``; adaptive/surrogate: ``n_sample``, ``n_entry``, ``max_rounds``,
+                ``pool``, ``refreshes``, ``stop_k``, ``max_scored``, ``expand``, ``ef``).
+            block: the exhaustive-search block (None: the default).
+        """
+        n, seed = len(self.shard), params['seed'] + self.shard_no
+        if mode == 'exhaustive':
+            scores, ids = exhaustive_search(qnets, self.vectors, k, block=block)
+            scored = torch.full((len(qnets),), n)
+        elif mode == 'graph':
+            n_initial = max(1, -(-params['n_initial'] * n // self.total))
+            scores, ids, scored = graph_search(qnets, self.vectors, self.shard.graph_edges(), k, n_initial=n_initial,
+                                               n_candidates=params['n_candidates'], max_iter=params['max_iter'],
+                                               early_stopping=params['early_stopping'], seed=seed)
+        else:
+            result = self._surrogate_rounds(qnets, k, mode, params, seed)
+            scores, ids, scored = result.scores, result.ids, result.n_scored
+        return scores, torch.where(ids >= 0, ids + self.offset, ids), scored
+
+    def _surrogate_rounds(self, qnets, k: int, mode: str, params: Dict[str, Any], seed: int):
+        if mode == 'surrogate':
+            return surrogate_search(qnets, self.vectors, k, n_sample=params['n_sample'], n_entry=params['n_entry'],
+                                    seed=seed, ip_index=self._ip_index())
+        if not params['expand'] and self.shard.has_ip_index():
+            return pooled_search(qnets, self.vectors, self.shard.ip_index(), k, n_sample=params['n_sample'],
+                                 pool=params['pool'], n_entry=params['n_entry'], max_rounds=params['max_rounds'],
+                                 refreshes=params['refreshes'], stop_k=params['stop_k'],
+                                 max_scored=params['max_scored'], seed=seed)
+        edges = self.shard.graph_edges() if params['expand'] else None
+        return adaptive_search(qnets, self.vectors, edges, k, n_sample=params['n_sample'], n_entry=params['n_entry'],
+                               max_rounds=params['max_rounds'], expand=params['expand'], ef=params['ef'],
+                               max_scored=params['max_scored'], stop_k=params['stop_k'], seed=seed,
+                               ip_index=self._ip_index())
 
 
 class LocalShards:
@@ -266,27 +320,27 @@ class LocalShards:
         self.index = index
         self.device = device
         self.dtype = dtype
-        self._vectors: Optional[list] = None
+        self._searchers: Optional[List[ShardSearcher]] = None
 
     def __repr__(self) -> str:
         return 'local'
 
-    def _placed(self) -> list:
-        # Placed once (a GPU copy per shard when they fit), as the unsharded retriever does.
-        if self._vectors is None:
-            self._vectors = [place_vectors(self.index.shard(i).vectors(), self.device, self.dtype)
-                             for i in range(self.index.n_shards)]
-        return self._vectors
+    def _placed(self) -> List[ShardSearcher]:
+        if self._searchers is None:
+            offsets = self.index.offsets
+            self._searchers = [ShardSearcher(self.index.shard(i), i, int(offsets[i]), len(self.index), self.device,
+                                             self.dtype) for i in range(self.index.n_shards)]
+        return self._searchers
 
-    def search(self, qnets, k: int, mode: str, walk: Dict[str, Any], block: Optional[int]):
-        offsets, vectors = self.index.offsets, self._placed()
-        parts = [search_shard(self.index.shard(i), vectors[i], qnets, k, int(offsets[i]), mode, walk, block, i,
-                              len(self.index)) for i in range(self.index.n_shards)]
-        return merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+    def search(self, qnets, k: int, mode: str, params: Dict[str, Any], block: Optional[int]):
+        """The merged top-``k`` ``(scores, global ids, documents scored per query)`` of every shard."""
+        parts = [searcher.search(qnets, k, mode, params, block) for searcher in self._placed()]
+        scores, ids = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+        return scores, ids, sum(p[2] for p in parts)
 
     def close(self) -> None:
         """Drops the placed vectors (GPU copies); the next search places them again."""
-        self._vectors = None
+        self._searchers = None
 
     def vectors(self, rows: np.ndarray) -> torch.Tensor:
         """The stored vectors of global ``rows``, in that order."""
@@ -338,8 +392,8 @@ def shard_sizes(n: int, n_shards: Optional[int] = None, shard_size: Optional[int
 
 
 def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int] = None, shard_size: Optional[int] = None,
-                sizes: Optional[Sequence[int]] = None, align: int = 4096, graph: bool = True, overwrite: bool = False,
-                verbose: bool = False):
+                sizes: Optional[Sequence[int]] = None, align: int = 4096, graph: bool = True, ip_index: bool = True,
+                overwrite: bool = False, verbose: bool = False):
     """Splits a single index into a sharded one without re-encoding: vectors and docnos are copied by row range.
 
     Each shard's neighbour graph is rebuilt over the shard's own rows (with the source's k and method), not cut
@@ -352,6 +406,8 @@ def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int]
         n_shards, shard_size, align: how to cut the rows (see :func:`shard_sizes`).
         sizes: explicit documents per shard, in row order (instead of ``n_shards`` / ``shard_size``).
         graph: rebuild each shard's graph when the source has one; False gives shards for exhaustive search only.
+        ip_index: build each shard its own inner-product ANN index (adaptive search's candidates) when the source
+            has one, with the source's settings; False leaves the shards without (exact adaptive rounds).
         overwrite: replace an existing folder at ``path``.
         verbose: show progress of the graph builds.
 
@@ -370,6 +426,7 @@ def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int]
         raise ValueError(f'sizes {sizes} must be at least 2 each and add up to the index size {n}')
     smeta, offsets = source.meta, np.concatenate([[0], np.cumsum(sizes)])
     graph = smeta.get('graph') if graph else None
+    ip = smeta.get('ip_index') if ip_index else None
     with building(Path(path), overwrite) as tmp:
         for i, count in enumerate(sizes):
             folder = tmp / _shard_dirname(i)
@@ -385,6 +442,10 @@ def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int]
             if graph:
                 vecs = np.memmap(vec_file, mode='r', dtype=smeta['dtype'], shape=(count, smeta['vec_size']))
                 meta['graph'] = write_graph(vecs, folder, graph['k'], graph.get('method') or 'auto', verbose)
+            meta['ip_index'] = None
+            if ip:
+                vecs = np.memmap(vec_file, mode='r', dtype=smeta['dtype'], shape=(count, smeta['vec_size']))
+                meta['ip_index'] = build_ip_index(vecs, folder, ip['m'], ip.get('ef_construction', 80), verbose)
             with open(folder / 'pt_meta.json', 'w') as f:
                 json.dump(meta, f, indent=1)
         write_manifest(tmp, smeta, sizes)

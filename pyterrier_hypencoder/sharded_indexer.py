@@ -50,14 +50,14 @@ class ShardedHypencoderIndexer(pt.Indexer):
             overwrite: replace an existing folder at ``path``.
             verbose: show progress bars (local backend).
             **indexer_kwargs: passed to each shard's ``HypencoderIndexer`` (``neighbours``, ``graph``,
-                ``text_field``, ``batch_size``, ``chunk_size``, ``fp16``).
+                ``text_field``, ``batch_size``, ``chunk_size``, ``fp16``, ``ip_index``).
         """
         check_int('shard_size', shard_size, 2)
         if not isinstance(backend, str) or not backend:
             raise ValueError(f"backend must be 'local', 'ray' or a Ray address; got {backend!r}")
         if backend == 'local' and ray_options:
             raise ValueError(f'ray_options {sorted(ray_options)} need backend="ray" (or a Ray address)')
-        bad = set(indexer_kwargs) - {'neighbours', 'graph', 'text_field', 'batch_size', 'chunk_size', 'fp16'}
+        bad = set(indexer_kwargs) - {'neighbours', 'graph', 'text_field', 'batch_size', 'chunk_size', 'fp16', 'ip_index'}
         if bad:
             raise TypeError(f'unknown argument(s) {sorted(bad)} for ShardedHypencoderIndexer')
         # Checks the shard indexer's arguments now, not after the first shard is encoded.

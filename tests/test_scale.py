@@ -207,3 +207,12 @@ def test_a_last_docno_no_block_format_fits_is_stored(tiny_model, tmp_path):
     index = HypencoderIndexer(tiny_model, tmp_path / 'i', neighbours=0, verbose=False).index(docs)
     assert list(index.docnos.fwd[[0, 299, 300]]) == [names[0], names[299], names[300]]
     assert index.docnos.inv[names[300]] == 300
+
+
+def test_pooled_search_when_the_sample_covers_the_corpus():
+    x = clustered(40, 8, clusters=4)
+    qnets = random_qnets(3, (8, 8, 1))
+    res = pooled_search(qnets, x, InnerProductIndex(x), 5, n_sample=64, pool=16, n_entry=4)
+    ref = torch.topk(qnets.score(torch.from_numpy(x)), 5, dim=1)
+    np.testing.assert_array_equal(np.sort(res.ids.numpy(), 1), np.sort(ref.indices.numpy(), 1))
+    assert (res.n_scored == 40).all()

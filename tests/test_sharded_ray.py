@@ -14,6 +14,7 @@ ray = pytest.importorskip('ray', reason="Ray is not installed (pip install 'pyte
 from test_sharded import BLOCK, make_docs, topics  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from pyterrier_hypencoder import (  # noqa: E402  # noqa: E402
+    HypencoderIndex,
     HypencoderIndexer,
     HypencoderReranker,
     HypencoderRetriever,
@@ -113,6 +114,37 @@ def test_graph_mode_and_reranker_on_ray(tiny_model, indexes, on_ray):
     res = HypencoderRetriever(tiny_model, indexes[0], num_results=20)(topics(3)).sample(frac=1.0, random_state=0)
     ref = HypencoderReranker(tiny_model, indexes[0])(res)
     pd.testing.assert_frame_equal(on_ray(cls=HypencoderReranker)(res), ref)  # vectors fetched, scored here
+
+
+@pytest.fixture(scope='module')
+def with_ann(indexes, tmp_path_factory):
+    """The sharded index again, each shard with its own HNSW inner-product index (adaptive search's pools)."""
+    import shutil
+    folder = tmp_path_factory.mktemp('ray_ann')
+    shutil.copytree(indexes[0].path, folder / 'single')
+    single = HypencoderIndex(folder / 'single')
+    single.add_ip_index(m=8, verbose=False)
+    return split_index(single, folder / 'sharded', sizes=[16, 24, 8], graph=False)
+
+
+@pytest.mark.parametrize('ann', [False, True], ids=['exact rounds', 'pools from the shards\' HNSW'])
+def test_adaptive_mode_on_ray_equals_local(tiny_model, indexes, with_ann, cluster, ann):
+    import torch
+    index = with_ann if ann else indexes[1]
+    params = dict(mode='adaptive', n_sample=16, n_entry=8, pool=16, num_results=10, scored_column='scored')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors' thread count: ties rounded alike (see the graph-mode test)
+    try:
+        local = HypencoderRetriever(tiny_model, index, **params)(topics(3))
+    finally:
+        torch.set_num_threads(threads)
+    retriever = HypencoderRetriever(tiny_model, index, backend='ray', ray_options=OPTIONS, **params)
+    try:
+        res = retriever(topics(3))
+    finally:
+        retriever.close()
+    same_results(res, local)
+    assert res['scored'].tolist() == local['scored'].tolist()
 
 
 def test_damaged_shard_fails_before_any_actor_starts(tiny_model, indexes, cluster, tmp_path):
