@@ -99,7 +99,8 @@ def device_info(device: torch.device) -> dict:
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)
         info.update({'name': torch.cuda.get_device_name(device), 'cuda': torch.version.cuda,
-                     'capability': f'{props.major}.{props.minor}', 'memory_gib': props.total_memory / 2 ** 30})
+                     'capability': f'{props.major}.{props.minor}', 'memory_gib': props.total_memory / 2 ** 30,
+                     'tf32_matmul': torch.backends.cuda.matmul.allow_tf32})
     else:
         info['name'] = info['cpu']
     return info
@@ -216,7 +217,8 @@ def parse_args(argv=None):
     parser.add_argument('--docs', type=int, default=None, help='synthetic corpus size of the search stages')
     parser.add_argument('--queries', type=int, default=None, help='q-nets of the search stages (batch size)')
     parser.add_argument('--index-docs', type=int, default=None, help='debian-packages documents indexed')
-    parser.add_argument('--threads', type=int, default=None, help='torch and FAISS threads (default: theirs)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch and FAISS threads (default: theirs; --quick: 1, so its HNSW builds repeat exactly)')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     unknown = [s for s in args.stages.split(',') if s not in STAGES]
@@ -242,6 +244,8 @@ def main(argv=None) -> dict:
     sizes['latency_queries'] = min(sizes['latency_queries'], sizes['queries'])
     out = Path(args.out) if args.out else ROOT / '.cache' / 'gpu_check' / f'{mode}-{device.type}.json'
     threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    if args.quick and args.threads is None:
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from qnet_throughput import qnet_flops, random_qnets  # a sibling script: benchmarks/ is on the path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get('HYPENCODER_SHARED', ROOT.parent / 'shared'))
@@ -180,8 +181,6 @@ def parity(ctx, rec) -> None:
 
 def exhaustive(ctx, rec) -> None:
     """Exhaustive search over a synthetic corpus held on the device: ms/query and TFLOP/s at batch 1 and 32."""
-    from qnet_throughput import qnet_flops, random_qnets
-
     from pyterrier_hypencoder.search import exhaustive_search
     s, device = ctx.sizes, ctx.device
     dims = [s.dim] * s.layers + [1]
