@@ -340,7 +340,7 @@ def training(ctx, rec) -> None:
     falls = len(losses) == s.train_steps and all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.75 * losses[0]
     rec.check(f'the loss falls: mean of the last 5 of {s.train_steps} steps < 0.75 x the first', bool(falls),
               f'{losses[0]:.3g} -> {np.mean(losses[-5:]):.3g}' if losses else 'no loss logged')
-    rec.summary = (f'{len(losses)} steps, {rec.metrics["autocast"].split(" ")[0]} autocast, batch {s.train_queries}x'
+    rec.summary = (f'{len(losses)} steps, {"bf16 autocast" if autocast else "no autocast (CPU)"}, batch {s.train_queries}x'
                    f'{1 + s.train_negatives}: loss {losses[0]:.3g} -> {np.mean(losses[-5:]):.3g}, '
                    f'{len(losses) / secs:.2f} steps/s')
 
