@@ -337,6 +337,13 @@ class HypencoderIndexFiles(pta.Artifact):
                                        f'documents differently: {how}. Rebuild the index with this model, or load the '
                                        'model as it was when it built the index')
 
+    def __getstate__(self) -> dict:
+        # Open files (the docno lookup, memory maps, the FAISS index) do not pickle; a copy reopens them lazily.
+        state = self.__dict__.copy()
+        for name in ('_vectors', 'docnos', '_ip'):
+            state.pop(name, None)
+        return state
+
     def _forget(self) -> None:
         """Drops the cached metadata, vectors and docnos, e.g. after the folder was rebuilt (overwrite=True)."""
         for name in ('meta', '_vectors', 'docnos', '_ip'):
