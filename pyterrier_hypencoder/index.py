@@ -54,9 +54,10 @@ def write_docnos(path: Union[str, os.PathLike], docnos: Iterable[str]) -> None:
     InvLookupBuilder.build(path)
 
 
-def build_ip_index(vectors: np.ndarray, folder: Path, m: int, ef_construction: int = 80,
+def build_ip_index(vectors: np.ndarray, folder: Path, m: int, ef_construction: int = 80, metric: str = 'cosine',
                    verbose: bool = False) -> Dict[str, Any]:
-    """Builds the HNSW inner-product index of ``vectors`` (degree ``m``) into ``folder``, for adaptive search.
+    """Builds the HNSW inner-product index of ``vectors`` (degree ``m``, graph ``metric``: see
+    :class:`~pyterrier_hypencoder.surrogate.InnerProductIndex`) into ``folder``, for adaptive search.
 
     Returns:
         The index metadata's ``ip_index`` entry.
@@ -64,11 +65,11 @@ def build_ip_index(vectors: np.ndarray, folder: Path, m: int, ef_construction: i
     from .surrogate import InnerProductIndex
     name = f'ip_hnsw{m}.faiss'
     started = time.perf_counter()
-    index = InnerProductIndex(vectors, hnsw_m=m, ef_construction=ef_construction, verbose=verbose)
+    index = InnerProductIndex(vectors, hnsw_m=m, ef_construction=ef_construction, metric=metric, verbose=verbose)
     tmp = folder / (name + '.tmp')
     index.save(tmp)
     os.replace(tmp, folder / name)
-    return {'kind': 'hnsw', 'm': int(m), 'ef_construction': int(ef_construction), 'file': name,
+    return {'kind': 'hnsw', 'm': int(m), 'ef_construction': int(ef_construction), 'metric': metric, 'file': name,
             'seconds': round(time.perf_counter() - started, 1)}
 
 
@@ -289,10 +290,18 @@ class HypencoderIndexFiles(pta.Artifact):
             self.__dict__['_ip'] = cached = (key, index)
         return cached[1]
 
-    def add_ip_index(self, m: int = 32, ef_construction: int = 80, overwrite: bool = False,
+    def add_ip_index(self, m: int = 32, ef_construction: int = 80, overwrite: bool = False, metric: str = 'cosine',
                      verbose: bool = True) -> None:
         """Builds an HNSW inner-product index over a built index's vectors (what ``HypencoderIndexer(...,
         ip_index='hnsw32')`` builds with it), so adaptive search on a large corpus never ranks every document.
+
+        Args:
+            m: the HNSW graph degree.
+            ef_construction: the HNSW build beam.
+            overwrite: replace an inner-product index the index already has.
+            metric: the graph's geometry (``'cosine'``, or ``'lifted'``: see
+                :class:`~pyterrier_hypencoder.surrogate.InnerProductIndex`).
+            verbose: a progress bar while it is built.
 
         Raises:
             FileExistsError: when the index has one and ``overwrite`` is False.
@@ -300,7 +309,7 @@ class HypencoderIndexFiles(pta.Artifact):
         if self.has_ip_index() and not overwrite:
             raise FileExistsError(f'{self.path} already has an inner-product index ({self.meta["ip_index"]}); pass '
                                   'overwrite=True to replace it')
-        entry = build_ip_index(self.vectors(), self.path, m, ef_construction, verbose=verbose)
+        entry = build_ip_index(self.vectors(), self.path, m, ef_construction, metric=metric, verbose=verbose)
         meta = dict(self.meta, ip_index=entry)
         tmp = self.path / 'pt_meta.json.tmp'
         tmp.write_text(json.dumps(meta, indent=1))

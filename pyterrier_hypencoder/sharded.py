@@ -445,7 +445,8 @@ def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int]
             meta['ip_index'] = None
             if ip:
                 vecs = np.memmap(vec_file, mode='r', dtype=smeta['dtype'], shape=(count, smeta['vec_size']))
-                meta['ip_index'] = build_ip_index(vecs, folder, ip['m'], ip.get('ef_construction', 80), verbose)
+                meta['ip_index'] = build_ip_index(vecs, folder, ip['m'], ip.get('ef_construction', 80),
+                                                  ip.get('metric', 'lifted'), verbose)
             with open(folder / 'pt_meta.json', 'w') as f:
                 json.dump(meta, f, indent=1)
         write_manifest(tmp, smeta, sizes)

@@ -85,11 +85,20 @@ def test_ip_index_built_stored_and_loaded(tiny_model, tmp_path):
     ip = index.ip_index(ef_search=64)
     assert ip.hnsw and ip.n == 120 and ip.dim == index.dim
     assert index.ip_index(ef_search=64) is ip  # loaded once
-    # An HNSW index over 120 vectors with a beam of 64 is exact.
+    # An HNSW index over 120 vectors with a beam of 64 is exact: the cosine graph (the default) ranks by cosine.
     queries = np.random.default_rng(0).standard_normal((3, index.dim)).astype(np.float32)
+    x = np.asarray(index.vectors(), dtype=np.float64)
     ids, _ = ip.search(queries, 5)
-    exact = np.argsort(-(queries @ np.asarray(index.vectors()).T), axis=1)[:, :5]
-    np.testing.assert_array_equal(ids, exact)
+    assert index.meta['ip_index']['metric'] == 'cosine' and ip.metric == 'cosine'
+    np.testing.assert_array_equal(ids, np.argsort(-(queries @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T),
+                                                  axis=1)[:, :5])
+    # The lifted graph ranks by inner product, and its metric survives a reload.
+    index.add_ip_index(m=8, metric='lifted', overwrite=True, verbose=False)
+    lifted = HypencoderIndex(tmp_path / 'idx').ip_index(ef_search=64)
+    assert lifted.metric == 'lifted' and lifted.dim == index.dim and 'lifted' in repr(lifted)
+    np.testing.assert_array_equal(lifted.search(queries, 5)[0], np.argsort(-(queries @ x.T), axis=1)[:, :5])
+    with pytest.raises(ValueError, match='metric must be one of'):
+        InnerProductIndex(x, hnsw_m=8, metric='l2')
     # Reloaded from disk by a new index object; an index without one gets an exact index over its vectors.
     assert HypencoderIndex(tmp_path / 'idx').ip_index().hnsw
     plain = HypencoderIndexer(tiny_model, tmp_path / 'plain', neighbours=0, verbose=False).index(docs)
