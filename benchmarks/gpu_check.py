@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
     """Runs the check; returns the results (also written to ``--out``) with ``passed`` True when every check held."""
     import faiss
 
-    from pyterrier_hypencoder.model import default_device
+    from pyterrier_hypencoder.devices import default_device
     args = parse_args(argv)
     try:
         device = default_device(args.device)

@@ -116,9 +116,13 @@ def main(argv=None):
     parser.add_argument('--ivf-probe', type=int, default=None, help='IVF clusters probed (default: the library default)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--workdir', default=None, help='folder for the temporary vector files (default: system temp)')
-    parser.add_argument('--out', type=Path, default=DEFAULT_OUT)
+    parser.add_argument('--out', default=None, help='results JSON (default benchmarks/results/graph_build.json; with '
+                        '--quick .cache/benchmarks/graph_build-quick.json: a quick run never overwrites the committed figures)')
     parser.add_argument('--verbose', action='store_true')
     args = parser.parse_args(argv)
+    here = Path(__file__).resolve().parent.parent
+    default = '.cache/benchmarks/graph_build-quick.json' if args.quick else 'benchmarks/results/graph_build.json'
+    args.out = Path(args.out or here / default)
     sizes = args.sizes or ([10_000, 50_000] if args.quick else [10_000, 100_000, 1_000_000])
 
     import faiss

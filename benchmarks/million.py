@@ -10,7 +10,8 @@ description, so RR@10 at the larger sizes is a lower bound; recall against exhau
 
 Q-nets (``benchmarks/million_heads.py``): the 2-layer and 6-layer Hypencoder heads trained on debian-packages'
 training queries, and the untrained 6-layer q-net (a random hyperhead) as the stress case. The bar: BE-Base
-(cosine) searched by a FAISS HNSW index over the same, normalised, vectors.
+(cosine) searched by a FAISS HNSW index over the same, normalised, vectors: the very graph adaptive search draws its
+candidate pools from (``InnerProductIndex``'s cosine HNSW, M=32).
 
 Per size and q-net, interleaved within the run: exhaustive search (ms/query at batch 32 and 1, on the first
 ``--timed-queries`` / ``--latency-queries`` queries; its top-100 for all queries is the ground truth, cached);
@@ -126,14 +127,25 @@ def ground_truth(name, qnets, x, n, cache: Path, k: int = K, batch: int = 32, ta
     """Exhaustive top-``k`` row ids per query and the seconds it took (cached: the benchmark's costliest part)."""
     from pyterrier_hypencoder.search import exhaustive_search
     path = cache / f'gt-{name}-{n}-{len(qnets)}-k{k}{tag}.npy'
-    if path.exists():
+    stamp = path.with_suffix('.sha256')  # the q-nets it was computed for: a retrained head's truth is recomputed
+    if path.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(qnets):
         return np.load(path), None
     print(f'  ground truth: {name}, n={n:,}, top {k}', flush=True)
     with torch.inference_mode():
         parts, secs = per_batch(lambda q: exhaustive_search(q, x, k)[1].numpy(), qnets, batch)
     ids = np.concatenate(parts)
     np.save(path, ids)
+    stamp.write_text(fingerprint(qnets) + '\n')
     return ids, float(secs.sum())
+
+
+def fingerprint(qnets) -> str:
+    """A digest of the q-nets' weights and biases (which queries, which model)."""
+    import hashlib
+    digest = hashlib.sha256()
+    for t in list(qnets.weights) + list(qnets.biases):
+        digest.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def truth_within(full_ids: np.ndarray, rows: np.ndarray):
@@ -408,7 +420,8 @@ def main(argv=None) -> dict:
         x = np.ascontiguousarray(vectors[rows], dtype=np.float32)
         docnos = docnos_all[rows]
         ip, ip_secs = ip_index_for(index, x, n, cache, args.hnsw_m)
-        fx, fx_secs = faiss_bebase(x, n, cache, args.hnsw_m)
+        # The cosine HNSW graph adaptive search draws its pools from is the bi-encoder's FAISS index as well.
+        fx, fx_secs = (ip.index, None) if ip.metric == 'cosine' else faiss_bebase(x, n, cache, args.hnsw_m)
         results['builds'][n] = {'ip_hnsw_seconds': ip_secs, 'bebase_hnsw_seconds': fx_secs}
         for name in names:  # interleaved: every method of one q-net back to back, then the next q-net
             row = measure(name, qnets[name], x, ip, truths[name, n], docnos, qids, rel_docs, args)

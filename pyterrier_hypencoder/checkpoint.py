@@ -13,7 +13,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ['CheckpointError', 'resolve_folder', 'read_json', 'load_state_dict', 'backbone_config', 'load_backbone']
+__all__ = ['CheckpointError', 'resolve_folder', 'read_json', 'load_state_dict', 'backbone_config', 'load_backbone', 'load_into']
 
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 _INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
@@ -187,3 +187,25 @@ def _sentence_transformers_pooling(name: str) -> Optional[str]:
         return modes[0]
     raise CheckpointError(f'{name} is a sentence-transformers model pooling by {" + ".join(modes) or "nothing"} ({config}), '
                           'which this package does not implement; pass pooling="cls" or pooling="mean" explicitly')
+
+
+def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
+    """``module.load_state_dict(state)`` with errors that name the mismatching tensors (``what``: the part, for messages)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
+             for k in own if k in state and state[k].shape != own[k].shape]
+    # Non-persistent buffers like position_ids appear in some transformers versions' state dicts only.
+    missing = [k for k in missing if not k.endswith(('position_ids', 'token_type_ids'))]
+    unexpected = [k for k in unexpected if not k.endswith(('position_ids', 'token_type_ids'))]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append('wrong shapes: ' + '; '.join(wrong[:5]))
+        if missing:
+            parts.append(f'missing {len(missing)} tensors, e.g. {missing[:3]}')
+        if unexpected:
+            parts.append(f'unexpected {len(unexpected)} tensors, e.g. {unexpected[:3]}')
+        raise CheckpointError(f'the checkpoint does not fit the {what} its config describes: ' + ', '.join(parts))
+    module.load_state_dict(state, strict=False)

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import pandas as pd
 import torch
 
+from .devices import default_device
 from .index import HypencoderIndexError, HypencoderIndexFiles
-from .model import default_device
+from .optional import require
+from .shard_search import LocalShards
 from .sharded import ShardedIndexFiles
 
-__all__ = ['check_backend', 'check_device', 'check_queries', 'load_index']
+__all__ = ['check_backend', 'check_device', 'check_queries', 'load_index', 'open_shards']
 
 IndexLike = Union[HypencoderIndexFiles, ShardedIndexFiles]
 
@@ -78,3 +80,15 @@ def check_queries(inp: pd.DataFrame) -> list:
 def check_device(device) -> Optional[torch.device]:
     """``device`` as a ``torch.device`` (None stays None), failing now if this machine does not have it."""
     return default_device(device) if device is not None else None
+
+
+def open_shards(index: ShardedIndexFiles, backend: Optional[str], device: torch.device, dtype: torch.dtype,
+                ray_options: Optional[Dict[str, Any]] = None):
+    """The search backend for ``index``: ``'local'`` (or None), ``'ray'``, or a Ray address such as ``'ray://head:10001'``."""
+    if backend in (None, 'local'):
+        if ray_options:
+            raise ValueError(f'ray_options {sorted(ray_options)} need backend="ray" (or a Ray address)')
+        return LocalShards(index, device, dtype)
+    require('ray', purpose=f'backend={backend!r}')
+    from .ray_backend import RayShards  # only here, so the package imports without Ray
+    return RayShards(index, None if backend == 'ray' else backend, device, dtype, **(ray_options or {}))

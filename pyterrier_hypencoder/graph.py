@@ -26,8 +26,12 @@ beyond the FAISS index itself (which holds float32 copies of the vectors) memory
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Optional, Tuple, Union
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -325,3 +329,40 @@ def _drop_self(ids: np.ndarray, sq_dists: np.ndarray, rows: np.ndarray, k: int):
     e = ids[keep].reshape(len(ids), k)
     d = np.sqrt(np.maximum(sq_dists[keep].reshape(len(ids), k), 0)).astype(np.float32)
     return e, d
+
+
+def graph_dirname(k: int) -> str:
+    """The folder of an index's L2 ``k``-NN graph (a pyterrier-adaptive corpus graph) inside the index folder."""
+    # "l2" in the name keeps it apart from pyterrier-dr's cosine graphs (corpusgraph_k*).
+    return f'graph_l2_k{k}'
+
+
+def write_graph(vectors: np.ndarray, folder: Path, neighbours: int, method: str = 'auto',
+                verbose: bool = False) -> Optional[Dict[str, Any]]:
+    """Builds the L2 ``neighbours``-NN graph of ``vectors`` into ``folder`` (which holds their ``docnos.npids``).
+
+    Returns:
+        The index metadata's ``graph`` entry, or None when there are too few documents for a graph.
+    """
+    n = vectors.shape[0]
+    k = min(neighbours, n - 1)
+    if k < 1:
+        warnings.warn('a single document has no neighbours: the index is built without a graph', stacklevel=3)
+        return None
+    if k < neighbours:
+        warnings.warn(f'only {n} documents: the graph keeps {k} neighbours per document, not {neighbours}',
+                      stacklevel=3)
+    gdir = folder / graph_dirname(k)
+    gdir.mkdir()
+    # Raw row-major files, as pyterrier-adaptive's np_topk graphs are; weights (L2 distances) in float16.
+    edges = np.memmap(gdir / 'edges.u32.np', mode='w+', dtype=np.uint32, shape=(n, k))
+    dists = np.memmap(gdir / 'weights.f16.np', mode='w+', dtype=np.float16, shape=(n, k))
+    build_knn_graph(vectors, k, method=method, verbose=verbose, edges_out=edges, dists_out=dists)
+    edges.flush()
+    dists.flush()
+    del edges, dists
+    shutil.copy(folder / 'docnos.npids', gdir / 'docnos.npids')
+    with open(gdir / 'pt_meta.json', 'w') as f:
+        json.dump({'type': 'corpus_graph', 'format': 'np_topk', 'package_hint': 'pyterrier-adaptive',
+                   'doc_count': n, 'k': k, 'metric': 'l2'}, f)
+    return {'k': k, 'metric': 'l2', 'method': method}

@@ -15,16 +15,14 @@ import pyterrier_alpha as pta
 from npids import Lookup
 from npids.builder import FwdLookupBuilder, InvLookupBuilder
 
+from .errors import HypencoderIndexError
+from .graph import graph_dirname
 from .optional import require
 
 __all__ = ['HypencoderIndexFiles', 'HypencoderIndexError', 'write_docnos']
 
-_VEC_FILES = {'float32': 'vecs.f4', 'float16': 'vecs.f2'}
-_PROBE_TEXT = 'pyterrier-hypencoder probe: does this model encode documents like the one that built the index?'
-
-
-class HypencoderIndexError(ValueError):
-    """An index that is missing, incomplete, corrupt, or does not fit the model it is used with."""
+VEC_FILES = {'float32': 'vecs.f4', 'float16': 'vecs.f2'}
+PROBE_TEXT = 'pyterrier-hypencoder probe: does this model encode documents like the one that built the index?'
 
 
 class _DocnoBuilder(FwdLookupBuilder):
@@ -71,11 +69,6 @@ def build_ip_index(vectors: np.ndarray, folder: Path, m: int, ef_construction: i
     os.replace(tmp, folder / name)
     return {'kind': 'hnsw', 'm': int(m), 'ef_construction': int(ef_construction), 'metric': metric, 'file': name,
             'seconds': round(time.perf_counter() - started, 1)}
-
-
-def _graph_dirname(k: int) -> str:
-    # "l2" in the name keeps it apart from pyterrier-dr's cosine graphs (corpusgraph_k*).
-    return f'graph_l2_k{k}'
 
 
 class HypencoderIndexFiles(pta.Artifact):
@@ -127,7 +120,7 @@ class HypencoderIndexFiles(pta.Artifact):
                                        'is missing, so it was never built as an index, or its build was interrupted). '
                                        'Build it with HypencoderIndexer(model, path, overwrite=True).index(docs).')
         try:
-            self._stamp = _file_stamp(meta_path)
+            self._stamp = file_stamp(meta_path)
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise HypencoderIndexError(f'{meta_path} is corrupt ({e}); rebuild the index') from None
@@ -138,10 +131,10 @@ class HypencoderIndexFiles(pta.Artifact):
             raise HypencoderIndexError(f'{self.path} holds a {kind} artifact, not a Hypencoder index')
         missing = [key for key in ('doc_count', 'vec_size', 'dtype') if key not in meta]
         graph = meta.get('graph')
-        if missing or meta.get('dtype') not in _VEC_FILES or (graph and (not isinstance(graph, dict) or 'k' not in graph)):
+        if missing or meta.get('dtype') not in VEC_FILES or (graph and (not isinstance(graph, dict) or 'k' not in graph)):
             raise HypencoderIndexError(f'{meta_path} is corrupt (missing {missing}, or an unknown dtype or graph entry); '
                                        'rebuild the index')
-        vec_file = self.path / _VEC_FILES[meta['dtype']]
+        vec_file = self.path / VEC_FILES[meta['dtype']]
         want = meta['doc_count'] * meta['vec_size'] * np.dtype(meta['dtype']).itemsize
         if not vec_file.exists() or vec_file.stat().st_size != want:
             have = vec_file.stat().st_size if vec_file.exists() else 'missing'
@@ -150,7 +143,7 @@ class HypencoderIndexFiles(pta.Artifact):
         if not (self.path / 'docnos.npids').exists():
             raise HypencoderIndexError(f'{self.path / "docnos.npids"} is missing: the index is incomplete; rebuild it')
         if graph:
-            gdir = self.path / _graph_dirname(graph['k'])
+            gdir = self.path / graph_dirname(graph['k'])
             n_edges = meta['doc_count'] * graph['k']
             # Sizes are checked, not just presence: a truncated edges file would otherwise be read as a shorter graph.
             for name, want in (('edges.u32.np', 4 * n_edges), ('weights.f16.np', 2 * n_edges), ('pt_meta.json', None),
@@ -181,7 +174,7 @@ class HypencoderIndexFiles(pta.Artifact):
     @cached_property
     def _vectors(self) -> np.ndarray:
         meta = self.meta
-        return np.memmap(self.path / _VEC_FILES[meta['dtype']], mode='r', dtype=meta['dtype'],
+        return np.memmap(self.path / VEC_FILES[meta['dtype']], mode='r', dtype=meta['dtype'],
                          shape=(meta['doc_count'], meta['vec_size']))
 
     @cached_property
@@ -252,14 +245,14 @@ class HypencoderIndexFiles(pta.Artifact):
     def corpus_graph(self, k: Optional[int] = None):
         """The neighbour graph as a ``pyterrier_adaptive`` corpus graph (e.g. for ``pyterrier_adaptive.GAR``).
 
+        The graph follows the index: after a rebuild in place it reads the new graph (or, when the rebuilt index has
+        none, fails with a clear error) instead of serving the old neighbours.
+
         Args:
             k: keep only the nearest ``k`` neighbours (at most the stored k).
         """
-        from pyterrier_adaptive.corpus_graph import NpTopKCorpusGraph
-        if not self.has_graph():
-            raise HypencoderIndexError(f'the index {self.path} has no neighbour graph; rebuild it with '
-                                       'HypencoderIndexer(..., neighbours=100) to use graph-mode retrieval')
-        return NpTopKCorpusGraph(self.path / _graph_dirname(self.graph_k), k=k)
+        from .corpus_graph import IndexCorpusGraph  # pyterrier-adaptive is imported only when a graph is asked for
+        return IndexCorpusGraph(self, k=k)
 
     def has_ip_index(self) -> bool:
         """True when the index holds an HNSW inner-product index (adaptive search's candidates at scale)."""
@@ -329,7 +322,7 @@ class HypencoderIndexFiles(pta.Artifact):
         probe = self.meta.get('probe')
         if probe is None:
             return
-        got = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
+        got = model.encode_docs([PROBE_TEXT]).float().cpu().numpy()[0]
         ref = np.asarray(probe, dtype=np.float32)
         # fp16/bf16 encoders differ from fp32 by ~1e-2 relative; a different model differs by O(1).
         if np.linalg.norm(got - ref) > 0.1 * max(np.linalg.norm(ref), 1e-6):
@@ -372,7 +365,7 @@ class HypencoderIndexFiles(pta.Artifact):
         """
         if self._stamp is not None:
             try:
-                current = _file_stamp(self.path / 'pt_meta.json')
+                current = file_stamp(self.path / 'pt_meta.json')
             except FileNotFoundError:
                 raise HypencoderIndexError(f'the index {self.path} was deleted (or is being replaced) while in use; '
                                            'rebuild it, or make a new retriever once it is back') from None
@@ -410,7 +403,7 @@ class HypencoderIndexFiles(pta.Artifact):
         return FlexIndex(flex, **kwargs)
 
 
-def _file_stamp(path: Path) -> tuple:
+def file_stamp(path: Path) -> tuple:
     # A rebuilt index is a new folder moved into place, so its pt_meta.json is a new file (inode and mtime).
     st = os.stat(path)
     return st.st_ino, st.st_mtime_ns, st.st_size

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -22,9 +21,10 @@ import pyterrier as pt
 import torch
 from npids import Lookup
 
-from .graph import METHODS, build_knn_graph
-from .index import _PROBE_TEXT, _VEC_FILES, HypencoderIndexFiles, _graph_dirname, build_ip_index, write_docnos
-from .model import default_device, load_model
+from .devices import default_device
+from .graph import METHODS, write_graph
+from .index import PROBE_TEXT, VEC_FILES, HypencoderIndexFiles, build_ip_index, write_docnos
+from .model import load_model
 
 __all__ = ['HypencoderIndexer', 'write_graph']
 
@@ -196,14 +196,14 @@ class HypencoderIndexer(pt.Indexer):
     @staticmethod
     def _probe(model) -> List[float]:
         with torch.inference_mode():
-            probe = model.encode_docs([_PROBE_TEXT]).float().cpu().numpy()[0]
+            probe = model.encode_docs([PROBE_TEXT]).float().cpu().numpy()[0]
         return [round(float(x), 6) for x in probe]
 
     def _resume_point(self, folder: Path, settings: Dict[str, Any]) -> List[str]:
         """The docnos a resumable build in ``folder`` has encoded (none for a new one); files are cut back to them."""
         progress = folder / _PROGRESS
         if not progress.exists():
-            for name in (_VEC_FILES[self.dtype], _DOCNOS_PARTIAL):
+            for name in (VEC_FILES[self.dtype], _DOCNOS_PARTIAL):
                 (folder / name).unlink(missing_ok=True)
             return []
         state = json.loads(progress.read_text())
@@ -216,7 +216,7 @@ class HypencoderIndexer(pt.Indexer):
                              'with the same model and options, or pass overwrite=True to start over')
         count = int(state['count'])
         # A run killed mid-chunk may have written past the last recorded chunk: cut both files back to it.
-        with open(folder / _VEC_FILES[self.dtype], 'r+b') as f:
+        with open(folder / VEC_FILES[self.dtype], 'r+b') as f:
             f.truncate(count * settings['vec_size'] * np.dtype(self.dtype).itemsize)
         with open(folder / _DOCNOS_PARTIAL, 'rb') as f:
             lines = f.read().splitlines()[:count]
@@ -241,7 +241,7 @@ class HypencoderIndexer(pt.Indexer):
         # Every docno seen so far, so a duplicate fails before the chunks after it are encoded (an exact set: about
         # 100 bytes per document, far less than the vectors; the final check below also catches npids aliasing).
         seen: Dict[str, int] = {}
-        with open(folder / _VEC_FILES[self.dtype], 'ab') as fvec, open(folder / _DOCNOS_PARTIAL, 'a') as fdoc:
+        with open(folder / VEC_FILES[self.dtype], 'ab') as fvec, open(folder / _DOCNOS_PARTIAL, 'a') as fdoc:
             for chunk in _chunks(docs, self.chunk_size):
                 docnos = [self._check_doc(doc, count + i) for i, doc in enumerate(chunk)]
                 for i, docno in enumerate(docnos):
@@ -295,7 +295,7 @@ class HypencoderIndexer(pt.Indexer):
         with open(folder / _DOCNOS_PARTIAL) as f:
             write_docnos(folder / 'docnos.npids', (json.loads(line) for line in f))
         _check_unique_docnos(folder / 'docnos.npids', count)
-        vectors = np.memmap(folder / _VEC_FILES[self.dtype], mode='r', dtype=self.dtype, shape=(count, model.dim))
+        vectors = np.memmap(folder / VEC_FILES[self.dtype], mode='r', dtype=self.dtype, shape=(count, model.dim))
         for stale in folder.glob('graph_l2_k*'):  # a graph an interrupted build left half-written
             shutil.rmtree(stale)
         graph_meta = self._build_graph(vectors, folder) if self.graph else None
@@ -317,37 +317,6 @@ class HypencoderIndexer(pt.Indexer):
 
     def _build_graph(self, vectors: np.ndarray, folder: Path) -> Optional[Dict[str, Any]]:
         return write_graph(vectors, folder, self.neighbours, self.graph, self.verbose)
-
-
-def write_graph(vectors: np.ndarray, folder: Path, neighbours: int, method: str = 'auto',
-                verbose: bool = False) -> Optional[Dict[str, Any]]:
-    """Builds the L2 ``neighbours``-NN graph of ``vectors`` into ``folder`` (which holds their ``docnos.npids``).
-
-    Returns:
-        The index metadata's ``graph`` entry, or None when there are too few documents for a graph.
-    """
-    n = vectors.shape[0]
-    k = min(neighbours, n - 1)
-    if k < 1:
-        warnings.warn('a single document has no neighbours: the index is built without a graph', stacklevel=3)
-        return None
-    if k < neighbours:
-        warnings.warn(f'only {n} documents: the graph keeps {k} neighbours per document, not {neighbours}',
-                      stacklevel=3)
-    gdir = folder / _graph_dirname(k)
-    gdir.mkdir()
-    # Raw row-major files, as pyterrier-adaptive's np_topk graphs are; weights (L2 distances) in float16.
-    edges = np.memmap(gdir / 'edges.u32.np', mode='w+', dtype=np.uint32, shape=(n, k))
-    dists = np.memmap(gdir / 'weights.f16.np', mode='w+', dtype=np.float16, shape=(n, k))
-    build_knn_graph(vectors, k, method=method, verbose=verbose, edges_out=edges, dists_out=dists)
-    edges.flush()
-    dists.flush()
-    del edges, dists
-    shutil.copy(folder / 'docnos.npids', gdir / 'docnos.npids')
-    with open(gdir / 'pt_meta.json', 'w') as f:
-        json.dump({'type': 'corpus_graph', 'format': 'np_topk', 'package_hint': 'pyterrier-adaptive',
-                   'doc_count': n, 'k': k, 'metric': 'l2'}, f)
-    return {'k': k, 'metric': 'l2', 'method': method}
 
 
 def _parse_ip_index(spec: Optional[str]) -> int:

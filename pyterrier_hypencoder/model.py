@@ -4,141 +4,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, backbone_config, load_backbone, load_state_dict, read_json, resolve_folder
+from .checkpoint import CheckpointError, backbone_config, load_backbone, load_into, load_state_dict, read_json, resolve_folder
+from .devices import DTypeLike
 from .hyperhead import HyperHead
 from .qnet import QNets, QNetSpec
+from .text_encoder import TextEncoder, backbone_from_config, batch_progress, pool
 
-__all__ = ['Hypencoder', 'default_device', 'load_model']
+__all__ = ['Hypencoder', 'load_model']
 
 FORMAT_NAME = 'pyterrier-hypencoder'
 FORMAT_VERSION = 1
 _WEIGHTS = 'model.safetensors'
 _POOLINGS = ('cls', 'mean')
-
-DTypeLike = Union[None, str, torch.dtype]
-
-
-def default_device(device: Union[None, str, torch.device] = None) -> torch.device:
-    """``device`` if given, else cuda when available, else cpu.
-
-    Raises:
-        ValueError: for a device that is not a device name, or a CUDA device this machine does not have.
-    """
-    if device is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f'{device!r} is not a device ({e}); use "cpu", "cuda" or "cuda:N"') from None
-    # Checked here, as torch would only fail at the first tensor moved, deep inside encoding or search.
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise ValueError(f'device {str(device)!r} was requested but CUDA is not available on this machine '
-                             '(torch.cuda.is_available() is False); use device="cpu", or None to use CUDA only when '
-                             'it is available')
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f'device {str(device)!r} was requested but this machine has {torch.cuda.device_count()} '
-                             'CUDA device(s); use one of them')
-    return device
-
-
-def _dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {'fp32': torch.float32, 'float32': torch.float32, 'fp16': torch.float16, 'float16': torch.float16,
-             'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp64': torch.float64, 'float64': torch.float64}
-    if dtype not in names:
-        raise ValueError(f'unknown dtype {dtype!r}; use one of {sorted(names)}')
-    return names[dtype]
-
-
-def _backbone_from_config(config) -> nn.Module:
-    from transformers import AutoModel
-    # transformers 4.4x saves configs marked "attention implementation already chosen", so a reloaded model would
-    # fall back to eager attention while the original ran SDPA (scores differing by ~1e-4): let it choose again.
-    if getattr(config, '_attn_implementation_autoset', False):
-        config._attn_implementation_autoset = False
-    return AutoModel.from_config(config)
-
-
-def _load_into(module: nn.Module, state: dict, what: str) -> None:
-    """load_state_dict with errors that name the mismatching tensors."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
-             for k in own if k in state and state[k].shape != own[k].shape]
-    # Non-persistent buffers like position_ids appear in some transformers versions' state dicts only.
-    missing = [k for k in missing if not k.endswith(('position_ids', 'token_type_ids'))]
-    unexpected = [k for k in unexpected if not k.endswith(('position_ids', 'token_type_ids'))]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append('wrong shapes: ' + '; '.join(wrong[:5]))
-        if missing:
-            parts.append(f'missing {len(missing)} tensors, e.g. {missing[:3]}')
-        if unexpected:
-            parts.append(f'unexpected {len(unexpected)} tensors, e.g. {unexpected[:3]}')
-        raise CheckpointError(f'the checkpoint does not fit the {what} its config describes: ' + ', '.join(parts))
-    module.load_state_dict(state, strict=False)
-
-
-class TextEncoder(nn.Module):
-    """What :class:`Hypencoder` and the training package's ``DotEncoder`` share: a tokenizer and one or two
-    backbones (``backbone``, optional ``doc_backbone``) on one device and dtype.
-
-    Both also give the trainer one interface, so it never asks which of the two it trains: ``trainable_head``
-    (what head-only training learns), ``query_reps`` (query representations from tokens, differentiable),
-    ``reps_from_states`` (the same from frozen token states), ``doc_vectors`` and ``finish_docs`` (documents,
-    from tokens or from pooled frozen states), ``score_pairs`` / ``score_all`` (scores of representations
-    against per-query or shared documents), and ``default_head_lr``.
-    """
-
-    doc_backbone: Optional[nn.Module] = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    def _check_max_length(self, max_length: int, name: str = 'max_length') -> None:
-        # Longer inputs than the position embeddings fail deep inside the backbone with a shape error.
-        limits = [getattr(b.config, 'max_position_embeddings', None) for b in (self.backbone, self.doc_backbone)
-                  if b is not None]
-        limit = min((x for x in limits if isinstance(x, int)), default=None)
-        if max_length < 1:
-            raise ValueError(f'{name} must be >= 1; got {max_length}')
-        if limit is not None and max_length > limit:
-            raise ValueError(f'{name}={max_length} is more tokens than the backbone has positions ({limit}); set '
-                             f'{name} to at most {limit}')
-
-    def _place(self, device, dtype: DTypeLike):
-        self._check_max_length(self.query_max_length, 'query_max_length')
-        self._check_max_length(self.doc_max_length, 'doc_max_length')
-        self.to(device=default_device(device), dtype=_dtype(dtype) or torch.float32)
-        return self.eval()
-
-    def tokenize(self, texts: Sequence[str], max_length: int) -> dict:
-        """Tokenises ``texts`` padded to the longest, truncated to ``max_length``, on the model's device."""
-        _check_texts(texts)
-        self._check_max_length(max_length)
-        enc = self.tokenizer(list(texts), padding='longest', truncation=True, max_length=max_length,
-                             return_tensors='pt', return_token_type_ids=False)
-        return {'input_ids': enc['input_ids'].to(self.device), 'attention_mask': enc['attention_mask'].to(self.device)}
-
-    def _length_sorted_batches(self, texts: Sequence[str], max_length: int, batch_size: int,
-                               name: str = 'max_length') -> Iterator[Tuple[torch.Tensor, dict]]:
-        self._check_max_length(max_length, name)
-        return length_sorted_batches(self.tokenizer, texts, max_length, batch_size, self.device)
-
 
 class Hypencoder(TextEncoder):
     """A Hypencoder: queries become q-nets, documents become vectors, and ``q_net(doc_vector)`` is the score.
@@ -179,6 +61,9 @@ class Hypencoder(TextEncoder):
         self.query_max_length = int(query_max_length)
         self.doc_max_length = int(doc_max_length)
         self.name_or_path = name_or_path
+        # The cross-entropy temperature that suits this model's score scale, when it is not the trainer's default of
+        # 1 (a warm start from a doc_norm BE-Base scores dim times a correlation); saved and loaded with the model.
+        self.train_temperature: Optional[float] = None
         hidden = backbone.config.hidden_size
         doc_hidden = (doc_backbone or backbone).config.hidden_size
         if spec.vector_dimensions[0] != doc_hidden:
@@ -260,20 +145,20 @@ class Hypencoder(TextEncoder):
         backbone_name = q_kwargs.get('model_name_or_path')
         if not backbone_name:
             raise CheckpointError(f'{folder / "config.json"} names no backbone (query_encoder_kwargs.model_name_or_path)')
-        backbone = _backbone_from_config(backbone_config(backbone_name, folder))
+        backbone = backbone_from_config(backbone_config(backbone_name, folder))
         doc_backbone = None
         if not shared:
-            doc_backbone = _backbone_from_config(backbone_config(d_kwargs.get('model_name_or_path', backbone_name), folder))
+            doc_backbone = backbone_from_config(backbone_config(d_kwargs.get('model_name_or_path', backbone_name), folder))
         state = load_state_dict(folder)
         tokenizer = cls._tokenizer(folder, backbone_name)
         model = cls(backbone, tokenizer, spec, doc_backbone=doc_backbone, pooling=d_kwargs.get('pooling_type', 'cls'))
         q_prefix, d_prefix, h_prefix = 'query_encoder.transformer.', 'passage_encoder.transformer.', 'query_encoder.'
-        _load_into(model.backbone, {k[len(q_prefix):]: v for k, v in state.items() if k.startswith(q_prefix)},
+        load_into(model.backbone, {k[len(q_prefix):]: v for k, v in state.items() if k.startswith(q_prefix)},
                    'query encoder')
         if doc_backbone is not None:
-            _load_into(doc_backbone, {k[len(d_prefix):]: v for k, v in state.items() if k.startswith(d_prefix)},
+            load_into(doc_backbone, {k[len(d_prefix):]: v for k, v in state.items() if k.startswith(d_prefix)},
                        'passage encoder')
-        _load_into(model.hyperhead, {k[len(h_prefix):]: v for k, v in state.items()
+        load_into(model.hyperhead, {k[len(h_prefix):]: v for k, v in state.items()
                                      if k.startswith(h_prefix) and not k.startswith(q_prefix)}, 'hyperhead')
         return model
 
@@ -284,14 +169,15 @@ class Hypencoder(TextEncoder):
             raise CheckpointError(f'{folder} was saved by a newer pyterrier-hypencoder (format '
                                   f'{meta["format_version"]}); upgrade the package')
         spec = QNetSpec(**meta['qnet'])
-        backbone = _backbone_from_config(AutoConfig.from_pretrained(str(folder / 'backbone')))
+        backbone = backbone_from_config(AutoConfig.from_pretrained(str(folder / 'backbone')))
         doc_backbone = None
         if not meta.get('shared_encoder', True):
-            doc_backbone = _backbone_from_config(AutoConfig.from_pretrained(str(folder / 'doc_backbone')))
+            doc_backbone = backbone_from_config(AutoConfig.from_pretrained(str(folder / 'doc_backbone')))
         model = cls(backbone, cls._tokenizer(folder, None), spec, doc_backbone=doc_backbone,
                     pooling=meta.get('pooling', 'cls'), query_max_length=meta.get('query_max_length', 64),
                     doc_max_length=meta.get('doc_max_length', 512))
-        _load_into(model, load_state_dict(folder), 'model')
+        load_into(model, load_state_dict(folder), 'model')
+        model.train_temperature = meta.get('train_temperature')
         return model
 
     @staticmethod
@@ -327,6 +213,7 @@ class Hypencoder(TextEncoder):
             'query_max_length': self.query_max_length,
             'doc_max_length': self.doc_max_length,
             'dim': self.dim,
+            'train_temperature': self.train_temperature,
         }}
         # config.json last: a folder without it is not a loadable model.
         with open(folder / 'config.json', 'w', encoding='utf-8') as f:
@@ -422,7 +309,7 @@ class Hypencoder(TextEncoder):
         """
         parts, positions = [], []
         batches = self._length_sorted_batches(queries, self.query_max_length, batch_size, 'query_max_length')
-        for pos, batch in _progress(batches, verbose, len(queries), batch_size, 'encoding queries'):
+        for pos, batch in batch_progress(batches, verbose, len(queries), batch_size, 'encoding queries'):
             parts.append(self.query_qnets(**batch))
             positions.append(pos)
         if not parts:
@@ -444,7 +331,7 @@ class Hypencoder(TextEncoder):
         """
         out = torch.empty(len(docs), self.dim, device=self.device, dtype=self.dtype)
         batches = self._length_sorted_batches(docs, self.doc_max_length, batch_size, 'doc_max_length')
-        for pos, batch in _progress(batches, verbose, len(docs), batch_size, 'encoding documents'):
+        for pos, batch in batch_progress(batches, verbose, len(docs), batch_size, 'encoding documents'):
             out[pos.to(self.device)] = self.doc_vectors(**batch)
         return out
 
@@ -469,52 +356,3 @@ def load_model(model, *, device=None, user: str = 'this transformer', docs_only:
     swapped = ': the model comes first, then the index' if type(model).__name__ == 'HypencoderIndex' else ''
     raise TypeError(f'{user} needs a Hypencoder (or the folder or hub name of one, e.g. "jfkback/hypencoder.6_layer"); '
                     f'got {type(model).__name__}{swapped}. Load one with Hypencoder.from_pretrained(...)')
-
-
-def length_sorted_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
-                          device) -> Iterator[Tuple[torch.Tensor, dict]]:
-    """Yields ``(positions, batch)``: texts grouped by token length, so little compute is spent on padding.
-
-    ``positions`` are the texts' indexes in ``texts``; ``batch`` holds ``input_ids`` and ``attention_mask`` on
-    ``device``, padded to the longest text of the batch.
-    """
-    _check_texts(texts)
-    if len(texts) == 0:
-        return  # the tokenizer fails on an empty list
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True,
-                    return_attention_mask=False, return_token_type_ids=False)['input_ids']
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    pad = tokenizer.pad_token_id or 0
-    for start in range(0, len(order), batch_size):
-        positions = order[start:start + batch_size]
-        width = len(ids[positions[0]])
-        input_ids = torch.full((len(positions), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(positions), width), dtype=torch.long)
-        for row, i in enumerate(positions):
-            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-            mask[row, :len(ids[i])] = 1
-        yield torch.tensor(positions), {'input_ids': input_ids.to(device), 'attention_mask': mask.to(device)}
-
-
-def pool(states: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pools token states ``[batch, tokens, dim]`` into one vector per text: ``cls`` or masked ``mean``."""
-    if pooling == 'cls':
-        return states[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(states.dtype)
-    return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-def _check_texts(texts) -> None:
-    if isinstance(texts, str):
-        raise TypeError('expected a list of texts, got a single string; wrap it in a list')
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f'text {i} is {type(t).__name__} ({t!r}), not str')
-
-
-def _progress(it, verbose: bool, n: int, batch_size: int, desc: str):
-    if not verbose:
-        return it
-    import pyterrier as pt
-    return pt.tqdm(it, total=(n + batch_size - 1) // batch_size, desc=desc, unit='batch')
-

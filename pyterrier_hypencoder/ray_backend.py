@@ -8,24 +8,24 @@ Actors are created with ``max_restarts`` and ``max_task_retries``: an actor that
 restarted and its part of the batch retried, giving the same results. When the retries run out the error names
 the shard; no batch is ever answered from the shards that did respond.
 
-Build: each shard of :class:`~pyterrier_hypencoder.ShardedHypencoderIndexer` is a task, retried when its worker dies.
+Building shards on Ray is :mod:`~pyterrier_hypencoder.ray_indexing`.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import ray
 import torch
 
-from .index import HypencoderIndexError, HypencoderIndexFiles
-from .indexer import HypencoderIndexer
+from .index import HypencoderIndexFiles
 from .search import merge_topk
-from .sharded import ShardedIndexFiles, ShardSearcher, _shard_dirname
+from .shard_search import ShardSearcher
+from .sharded import ShardedIndexFiles
 
-__all__ = ['RayShards', 'ShardActor', 'ShardSearchError', 'build_shards']
+__all__ = ['RayShards', 'ShardActor', 'ShardSearchError', 'init_ray']
 
 # Fault injection for tests and drills: with this variable naming a folder, an actor whose file ``shard-<i>``
 # exists there exits hard at its next search (the file says ``once``: it is deleted first, so the retry works;
@@ -37,7 +37,8 @@ class ShardSearchError(RuntimeError):
     """A shard that could not answer, after Ray's restarts and retries; the batch has no results."""
 
 
-def _init(address: Optional[str]) -> None:
+def init_ray(address: Optional[str]) -> None:
+    """Joins (or starts) the Ray cluster at ``address`` unless this process is connected already."""
     if not ray.is_initialized():
         # address=None joins the cluster of RAY_ADDRESS or of a local `ray start --head`, else starts one here.
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
@@ -96,7 +97,7 @@ class RayShards:
             start_timeout: seconds to wait for every actor to start (they wait for free resources meanwhile).
             graph: the actors also open their graphs (graph-mode search).
         """
-        _init(address)
+        init_ray(address)
         self.index = index
         self.max_restarts, self.max_task_retries = max_restarts, max_task_retries
         self.resources = {'num_cpus': num_cpus, 'num_gpus': num_gpus}
@@ -163,54 +164,3 @@ class RayShards:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-
-
-def _build_shard(model, docs: list, path: str, kwargs: Dict[str, Any]) -> int:
-    if torch.cuda.is_available():
-        model = model.to('cuda')
-    # overwrite=True: a retried task replaces what a dead attempt left.
-    HypencoderIndexer(model, path, overwrite=True, verbose=False, **kwargs).index(docs)
-    return len(docs)
-
-
-def build_shards(model, shards: Iterable[list], folder: Path, address: Optional[str], indexer_kwargs: Dict[str, Any], *,
-                 num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2, max_pending: int = 4) -> List[int]:
-    """Builds each list of documents in ``shards`` into ``folder/shard-NNN`` as a Ray task; returns their sizes.
-
-    Raises:
-        HypencoderIndexError: naming the first shard whose task failed (after ``max_retries`` retries of a dead
-            worker; errors raised by the indexer itself, such as a document without text, are not retried).
-    """
-    _init(address)
-    task = ray.remote(_build_shard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
-                                            retry_exceptions=False)
-    model_ref = ray.put(model)
-    pending: Dict[Any, int] = {}
-    sizes: List[int] = []
-
-    def collect(futures) -> None:
-        for future in futures:
-            i = pending.pop(future)
-            try:
-                ray.get(future)
-            except ray.exceptions.RayError as e:
-                cause = getattr(e, 'cause', None) or e
-                raise HypencoderIndexError(f'shard {i} ({folder / _shard_dirname(i)}) could not be built on Ray '
-                                           f'(after up to {max_retries} retries): {type(cause).__name__}: {cause}') from e
-
-    try:
-        for i, docs in enumerate(shards):
-            sizes.append(len(docs))
-            pending[task.remote(model_ref, docs, str(folder / _shard_dirname(i)), indexer_kwargs)] = i
-            if len(pending) >= max_pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                collect(done)
-        collect(sorted(pending, key=pending.get))
-    except BaseException:
-        # The caller deletes the build folder: tasks still running must not write into it again afterwards.
-        for future in pending:
-            ray.cancel(future, force=True)
-        if pending:
-            ray.wait(list(pending), num_returns=len(pending), timeout=60)
-        raise
-    return sizes

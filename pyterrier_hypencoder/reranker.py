@@ -10,11 +10,11 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from .common import check_backend, check_device, check_queries, load_index
+from .common import check_backend, check_device, check_queries, load_index, open_shards
 from .model import load_model
 from .qnet import QNets
 from .search import check_int
-from .sharded import ShardedIndexFiles, open_shards
+from .sharded import ShardedIndexFiles
 
 __all__ = ['HypencoderReranker']
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from .common import check_backend, check_device, check_queries, load_index
+from .common import check_backend, check_device, check_queries, load_index, open_shards
 from .model import load_model
 from .pooled import pooled_search
 from .search import check_int, exhaustive_search, graph_search, place_vectors
-from .sharded import ShardedIndexFiles, open_shards
+from .sharded import ShardedIndexFiles
 from .walk import InnerProductIndex, adaptive_search, surrogate_search
 
 __all__ = ['HypencoderRetriever']

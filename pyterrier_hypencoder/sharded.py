@@ -1,10 +1,12 @@
-"""A sharded Hypencoder index: a manifest and N ordinary index folders over contiguous row ranges, and its search.
+"""A sharded Hypencoder index: a manifest and N ordinary index folders over contiguous row ranges.
 
 Layout of ``path/``: ``shard-000/``, ``shard-001/``, ... (each a complete single index, with its own vectors,
 docnos and neighbour graph over its own rows) and ``pt_meta.json``, the manifest, written last: the model, dtype,
 vector size, and each shard's folder, ``offset`` and ``count``. A document's global row is its shard's offset plus
 its row in the shard, so the pure search functions of :mod:`~pyterrier_hypencoder.search` run unchanged per shard
-and only :func:`~pyterrier_hypencoder.search.merge_topk` joins their results.
+and only :func:`~pyterrier_hypencoder.search.merge_topk` joins their results. This module is the storage;
+searching the shards is :mod:`~pyterrier_hypencoder.shard_search` (in this process) and
+:mod:`~pyterrier_hypencoder.ray_backend` (on Ray actors).
 
 Scores are bit-identical to the unsharded index's when every shard offset is a multiple of the exhaustive-search
 block (:func:`~pyterrier_hypencoder.search.score_block`: 1,024 documents on CPU, 4,096 on GPU), as every document
@@ -28,20 +30,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pyterrier as pt
 import pyterrier_alpha as pta
-import torch
 
-from .index import _VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, _file_stamp, build_ip_index, write_docnos
-from .indexer import write_graph
-from .optional import require
-from .pooled import pooled_search
-from .search import check_int, exhaustive_search, graph_search, merge_topk, place_vectors
-from .surrogate import InnerProductIndex
-from .walk import adaptive_search, surrogate_search
+from .graph import write_graph
+from .index import VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, build_ip_index, file_stamp, write_docnos
+from .search import check_int
 
-__all__ = ['ShardedIndexFiles', 'LocalShards', 'ShardSearcher', 'open_shards', 'shard_sizes', 'split_index']
+__all__ = ['ShardedIndexFiles', 'building', 'shard_dirname', 'shard_sizes', 'split_index', 'write_manifest']
 
 
-def _shard_dirname(i: int) -> str:
+def shard_dirname(i: int) -> str:
+    """The folder of shard ``i`` inside a sharded index (``shard-000``, ...)."""
     return f'shard-{i:03d}'
 
 
@@ -81,7 +79,7 @@ class ShardedIndexFiles(pta.Artifact):
             raise HypencoderIndexError(f'no complete sharded Hypencoder index at {self.path} (pt_meta.json is missing, so '
                                        'it was never built or its build was interrupted); build it again')
         try:
-            self._stamp = _file_stamp(meta_path)
+            self._stamp = file_stamp(meta_path)
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise HypencoderIndexError(f'{meta_path} is corrupt ({e}); rebuild the sharded index') from None
@@ -90,7 +88,7 @@ class ShardedIndexFiles(pta.Artifact):
         shards = meta.get('shards')
         ok = isinstance(shards, list) and shards and all(isinstance(s, dict) and {'path', 'offset', 'count'} <= set(s)
                                                          for s in shards)
-        if not ok or meta.get('dtype') not in _VEC_FILES or 'vec_size' not in meta or 'doc_count' not in meta:
+        if not ok or meta.get('dtype') not in VEC_FILES or 'vec_size' not in meta or 'doc_count' not in meta:
             raise HypencoderIndexError(f'{meta_path} is corrupt (no shard list, or no dtype/vec_size/doc_count); rebuild '
                                        'the sharded index')
         offset = 0
@@ -112,7 +110,7 @@ class ShardedIndexFiles(pta.Artifact):
         """
         if self._stamp is not None:
             try:
-                current = _file_stamp(self.path / 'pt_meta.json')
+                current = file_stamp(self.path / 'pt_meta.json')
             except FileNotFoundError:
                 raise HypencoderIndexError(f'the sharded index {self.path} was deleted (or is being replaced) while in '
                                            'use; rebuild it, or make a new retriever once it is back') from None
@@ -244,126 +242,6 @@ class _ShardedDocnos:
         return out.reshape(rows.shape)
 
 
-class ShardSearcher:
-    """One shard, placed for search, and what its searches keep between batches: what each backend runs per shard.
-
-    Every mode searches the shard on its own and returns global row ids, so the driver only merges top-k lists.
-    Graph mode walks the shard's own graph with its share of the initial sample (``n_initial * count / total``,
-    at least 1). Adaptive and surrogate modes run their rounds in the shard with the full parameters: the
-    shard's top-k is then found as well as one index's would be, and the merge of the shards' exact top-k lists is
-    the exact top-k. Adaptive search draws its pools from the shard's own inner-product ANN index when it has one
-    (:func:`~pyterrier_hypencoder.pooled.pooled_search`), else it runs the exact rounds over the shard. Each shard
-    samples with the seed ``seed + shard_no``.
-    """
-
-    def __init__(self, shard: HypencoderIndexFiles, shard_no: int, offset: int, total: int, device: torch.device,
-                 dtype: torch.dtype):
-        self.shard, self.shard_no, self.offset, self.total = shard, shard_no, offset, total
-        # Placed once (a GPU copy per shard when they fit), as the unsharded retriever does.
-        self.vectors = place_vectors(shard.vectors(), device, dtype)
-        self._exact_ip: Optional[InnerProductIndex] = None
-
-    def _ip_index(self):
-        if self.shard.has_ip_index():
-            return self.shard.ip_index()
-        if self._exact_ip is None:  # a float32 copy of the shard's vectors, built at its first surrogate search
-            self._exact_ip = InnerProductIndex(self.vectors)
-        return self._exact_ip
-
-    def search(self, qnets, k: int, mode: str, params: Dict[str, Any], block: Optional[int]
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The shard's top-``k`` ``(scores, global ids (-1 padding), documents scored per query)``, on the CPU.
-
-        Args:
-            qnets: the batch's q-nets, on the shard's device.
-            k: results per query.
-            mode: ``exhaustive``, ``graph``, ``adaptive`` or ``surrogate``.
-            params: the retriever's search parameters (``seed``; graph: ``n_initial``, ``n_candidates``,
-                ``max_iter``, ``early_stopping``; adaptive/surrogate: ``n_sample``, ``n_entry``, ``max_rounds``,
-                ``pool``, ``refreshes``, ``stop_k``, ``max_scored``, ``expand``, ``ef``).
-            block: the exhaustive-search block (None: the default).
-        """
-        n, seed = len(self.shard), params['seed'] + self.shard_no
-        if mode == 'exhaustive':
-            scores, ids = exhaustive_search(qnets, self.vectors, k, block=block)
-            scored = torch.full((len(qnets),), n)
-        elif mode == 'graph':
-            n_initial = max(1, -(-params['n_initial'] * n // self.total))
-            scores, ids, scored = graph_search(qnets, self.vectors, self.shard.graph_edges(), k, n_initial=n_initial,
-                                               n_candidates=params['n_candidates'], max_iter=params['max_iter'],
-                                               early_stopping=params['early_stopping'], seed=seed)
-        else:
-            result = self._surrogate_rounds(qnets, k, mode, params, seed)
-            scores, ids, scored = result.scores, result.ids, result.n_scored
-        return scores, torch.where(ids >= 0, ids + self.offset, ids), scored
-
-    def _surrogate_rounds(self, qnets, k: int, mode: str, params: Dict[str, Any], seed: int):
-        if mode == 'surrogate':
-            return surrogate_search(qnets, self.vectors, k, n_sample=params['n_sample'], n_entry=params['n_entry'],
-                                    seed=seed, ip_index=self._ip_index())
-        if not params['expand'] and self.shard.has_ip_index():
-            return pooled_search(qnets, self.vectors, self.shard.ip_index(), k, n_sample=params['n_sample'],
-                                 pool=params['pool'], n_entry=params['n_entry'], max_rounds=params['max_rounds'],
-                                 refreshes=params['refreshes'], stop_k=params['stop_k'],
-                                 max_scored=params['max_scored'], seed=seed)
-        edges = self.shard.graph_edges() if params['expand'] else None
-        return adaptive_search(qnets, self.vectors, edges, k, n_sample=params['n_sample'], n_entry=params['n_entry'],
-                               max_rounds=params['max_rounds'], expand=params['expand'], ef=params['ef'],
-                               max_scored=params['max_scored'], stop_k=params['stop_k'], seed=seed,
-                               ip_index=self._ip_index())
-
-
-class LocalShards:
-    """The in-process backend: the shards searched one after another in this process (the reference in tests)."""
-
-    def __init__(self, index: ShardedIndexFiles, device: torch.device, dtype: torch.dtype):
-        self.index = index
-        self.device = device
-        self.dtype = dtype
-        self._searchers: Optional[List[ShardSearcher]] = None
-
-    def __repr__(self) -> str:
-        return 'local'
-
-    def _placed(self) -> List[ShardSearcher]:
-        if self._searchers is None:
-            offsets = self.index.offsets
-            self._searchers = [ShardSearcher(self.index.shard(i), i, int(offsets[i]), len(self.index), self.device,
-                                             self.dtype) for i in range(self.index.n_shards)]
-        return self._searchers
-
-    def search(self, qnets, k: int, mode: str, params: Dict[str, Any], block: Optional[int]):
-        """The merged top-``k`` ``(scores, global ids, documents scored per query)`` of every shard."""
-        parts = [searcher.search(qnets, k, mode, params, block) for searcher in self._placed()]
-        scores, ids = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
-        return scores, ids, sum(p[2] for p in parts)
-
-    def close(self) -> None:
-        """Drops the placed vectors (GPU copies); the next search places them again."""
-        self._searchers = None
-
-    def vectors(self, rows: np.ndarray) -> torch.Tensor:
-        """The stored vectors of global ``rows``, in that order."""
-        shard, local = self.index.locate(rows)
-        out = np.empty((len(rows), self.index.dim), dtype=self.index.meta['dtype'])
-        for i in np.unique(shard):
-            sel = np.nonzero(shard == i)[0]
-            out[sel] = self.index.shard(int(i)).vectors()[local[sel]]
-        return torch.from_numpy(out)
-
-
-def open_shards(index: ShardedIndexFiles, backend: Optional[str], device: torch.device, dtype: torch.dtype,
-                ray_options: Optional[Dict[str, Any]] = None):
-    """The search backend for ``index``: ``'local'`` (or None), ``'ray'``, or a Ray address such as ``'ray://head:10001'``."""
-    if backend in (None, 'local'):
-        if ray_options:
-            raise ValueError(f'ray_options {sorted(ray_options)} need backend="ray" (or a Ray address)')
-        return LocalShards(index, device, dtype)
-    require('ray', purpose=f'backend={backend!r}')
-    from .ray_backend import RayShards  # only here, so the package imports without Ray
-    return RayShards(index, None if backend == 'ray' else backend, device, dtype, **(ray_options or {}))
-
-
 def shard_sizes(n: int, n_shards: Optional[int] = None, shard_size: Optional[int] = None, align: int = 4096) -> List[int]:
     """Documents per shard for ``n`` documents: ``n_shards`` shards, or shards of ``shard_size`` documents.
 
@@ -429,10 +307,10 @@ def split_index(index, path: Union[str, os.PathLike], *, n_shards: Optional[int]
     ip = smeta.get('ip_index') if ip_index else None
     with building(Path(path), overwrite) as tmp:
         for i, count in enumerate(sizes):
-            folder = tmp / _shard_dirname(i)
+            folder = tmp / shard_dirname(i)
             folder.mkdir()
             lo, hi = int(offsets[i]), int(offsets[i + 1])
-            vec_file = folder / _VEC_FILES[smeta['dtype']]
+            vec_file = folder / VEC_FILES[smeta['dtype']]
             with open(vec_file, 'wb') as f:
                 for start in range(lo, hi, 1 << 16):
                     f.write(np.ascontiguousarray(source.vectors()[start:min(start + (1 << 16), hi)]).tobytes())
@@ -461,7 +339,7 @@ def write_manifest(folder: Path, shard_meta: Dict[str, Any], sizes: Sequence[int
         'package_hint': ShardedIndexFiles.ARTIFACT_PACKAGE_HINT,
         **{key: shard_meta.get(key) for key in ('model', 'vec_size', 'dtype', 'pooling', 'doc_max_length', 'text_field')},
         'doc_count': int(sum(sizes)),
-        'shards': [{'path': _shard_dirname(i), 'offset': offsets[i], 'count': int(c)} for i, c in enumerate(sizes)],
+        'shards': [{'path': shard_dirname(i), 'offset': offsets[i], 'count': int(c)} for i, c in enumerate(sizes)],
     }
     with open(folder / 'pt_meta.json', 'w') as f:
         json.dump(meta, f, indent=1)

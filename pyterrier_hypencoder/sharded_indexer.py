@@ -13,7 +13,7 @@ from .index import HypencoderIndexFiles
 from .indexer import HypencoderIndexer
 from .optional import require
 from .search import check_int
-from .sharded import _shard_dirname, building, write_manifest
+from .sharded import building, shard_dirname, write_manifest
 
 __all__ = ['ShardedHypencoderIndexer']
 
@@ -87,17 +87,17 @@ class ShardedHypencoderIndexer(pt.Indexer):
             if self.backend == 'local':
                 sizes = []
                 for i, shard_docs in enumerate(shards):
-                    HypencoderIndexer(self.model, tmp / _shard_dirname(i), verbose=self.verbose,
+                    HypencoderIndexer(self.model, tmp / shard_dirname(i), verbose=self.verbose,
                                       **self.indexer_kwargs).index(shard_docs)
                     sizes.append(len(shard_docs))
             else:
                 require('ray', purpose=f'ShardedHypencoderIndexer(backend={self.backend!r})')
-                from .ray_backend import build_shards
+                from .ray_indexing import build_shards
                 sizes = build_shards(self.model, shards, tmp, None if self.backend == 'ray' else self.backend,
                                      self.indexer_kwargs, **self.ray_options)
             if not sizes:
                 raise ValueError('the corpus is empty: no documents were given to index')
-            folders = [tmp / _shard_dirname(i) for i in range(len(sizes))]
+            folders = [tmp / shard_dirname(i) for i in range(len(sizes))]
             _check_unique_across(folders)
             write_manifest(tmp, HypencoderIndexFiles(folders[0]).meta, sizes)
         return pt.Artifact.load(str(self.path))

@@ -124,3 +124,26 @@ def test_hidden_lr_scale_slows_only_the_hidden_block_generators(tiny_bert):
     for bad in (0, -1.0, None):
         with pytest.raises(ValueError, match='hidden_lr_scale must be a number > 0'):
             TrainConfig(hidden_lr_scale=bad)
+
+
+@pytest.mark.parametrize('doc_norm', [False, True])
+def test_warm_start_from_dot_carries_its_temperature(tiny_bert, tmp_path, doc_norm):
+    import pandas as pd
+
+    from pyterrier_hypencoder import Hypencoder
+    dot = _trained_like_dot(tiny_bert, None, doc_norm)
+    model = warm_start_from_dot(dot, qnet_layers=2)
+    want = 0.05 * dot.dim if doc_norm else 1.0
+    rows = [{'qid': f'q{i}', 'query': q, 'docno': f'd{j}', 'text': d, 'label': int(i == j)}
+            for i, q in enumerate(QUERIES) for j, d in enumerate(DOCS)]
+    config = TrainConfig(steps=1, batch_size=2, num_negatives=3, warmup_steps=0)
+    # The trainer takes BE-Base's own temperature with no argument, and so does a reloaded copy of the model.
+    assert Trainer(dot, pd.DataFrame(rows), config, verbose=False).temperature == pytest.approx(want)
+    assert Trainer(model, pd.DataFrame(rows), config, verbose=False).temperature == pytest.approx(want)
+    model.save_pretrained(tmp_path / 'm')
+    again = Hypencoder.from_pretrained(tmp_path / 'm', device='cpu')
+    assert again.train_temperature == pytest.approx(want)
+    assert Trainer(again, pd.DataFrame(rows), config, verbose=False).temperature == pytest.approx(want)
+    # An explicit temperature still wins.
+    assert Trainer(model, pd.DataFrame(rows), TrainConfig(steps=1, batch_size=2, num_negatives=3, warmup_steps=0,
+                                                          temperature=0.5), verbose=False).temperature == 0.5

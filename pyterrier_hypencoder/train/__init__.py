@@ -1,8 +1,8 @@
 """Training Hypencoders (and the BE-Base inner-product baseline) on PyTerrier data.
 
 - :mod:`~pyterrier_hypencoder.train.losses`: the paper's losses as pure functions over score tensors.
-- :mod:`~pyterrier_hypencoder.train.data`: training data frames built from PyTerrier datasets, batch sampling,
-  dev sets.
+- :mod:`~pyterrier_hypencoder.train.datasets`: PyTerrier datasets and BEIR-layout folders as frames, BM25 over them.
+- :mod:`~pyterrier_hypencoder.train.data`: training data frames built from them, batch sampling, dev sets.
 - :class:`DotEncoder`: BE-Base, the same backbone with an inner-product head.
 - :class:`Trainer` / :class:`TrainConfig` (:mod:`~pyterrier_hypencoder.train.config`): head-only (frozen backbone,
   CPU-friendly) or full fine-tuning; :mod:`~pyterrier_hypencoder.train.features` caches the frozen encodings and
@@ -17,14 +17,11 @@ from .data import (
     DevSet,
     TrainingGroups,
     build_training_data,
-    dataset_docs,
-    dataset_topics,
     load_frame,
-    pisa_bm25,
     save_frame,
-    split_topics,
     training_data_from_dataset,
 )
+from .datasets import BeirFolder, dataset_docs, dataset_topics, pisa_bm25, read_beir_folder, split_topics
 from .evaluation import ModelScorer, exhaustive_retrieve
 from .features import FeatureStore
 from .losses import distillation_loss, hard_negative_cross_entropy, in_batch_cross_entropy, margin_mse
@@ -32,8 +29,9 @@ from .trainer import Trainer
 from .warm_start import warm_start_from_dot, warm_start_hypencoder
 
 __all__ = [
-    'Batch', 'DevSet', 'DotEncoder', 'FeatureStore', 'ModelScorer', 'TrainConfig', 'Trainer', 'TrainingGroups',
-    'build_training_data', 'dataset_docs', 'dataset_topics', 'distillation_loss', 'exhaustive_retrieve',
-    'hard_negative_cross_entropy', 'in_batch_cross_entropy', 'load_frame', 'margin_mse', 'pisa_bm25', 'save_frame',
-    'split_topics', 'training_data_from_dataset', 'warm_start_from_dot', 'warm_start_hypencoder',
+    'Batch', 'BeirFolder', 'DevSet', 'DotEncoder', 'FeatureStore', 'ModelScorer', 'TrainConfig', 'Trainer',
+    'TrainingGroups', 'build_training_data', 'dataset_docs', 'dataset_topics', 'distillation_loss',
+    'exhaustive_retrieve', 'hard_negative_cross_entropy', 'in_batch_cross_entropy', 'load_frame', 'margin_mse',
+    'pisa_bm25', 'read_beir_folder', 'save_frame', 'split_topics', 'training_data_from_dataset', 'warm_start_from_dot',
+    'warm_start_hypencoder',
 ]

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_backbone, load_state_dict, read_json, resolve_folder
-from ..model import TextEncoder, _backbone_from_config, _progress, pool
 from ..optional import require
+from ..text_encoder import TextEncoder, backbone_from_config, batch_progress, pool
 
 __all__ = ['DotEncoder']
 
@@ -129,7 +129,7 @@ class DotEncoder(TextEncoder):
         meta = config[FORMAT_NAME]
         if meta.get('format_version', 0) > FORMAT_VERSION:
             raise CheckpointError(f'{path} was saved by a newer pyterrier-hypencoder; upgrade the package')
-        backbone = _backbone_from_config(AutoConfig.from_pretrained(str(path / 'backbone')))
+        backbone = backbone_from_config(AutoConfig.from_pretrained(str(path / 'backbone')))
         model = cls(backbone, AutoTokenizer.from_pretrained(str(path)), pooling=meta['pooling'],
                     normalize=meta['normalize'], query_projection=meta['query_projection'],
                     query_norm=meta.get('query_norm', False), doc_norm=meta.get('doc_norm', False),
@@ -238,7 +238,7 @@ class DotEncoder(TextEncoder):
         texts = list(texts)
         out = torch.empty(len(texts), self.dim, device=self.device, dtype=self.dtype)
         batches = self._length_sorted_batches(texts, max_length, batch_size, name)
-        for pos, batch in _progress(batches, verbose, len(texts), batch_size, desc):
+        for pos, batch in batch_progress(batches, verbose, len(texts), batch_size, desc):
             out[pos.to(self.device)] = fn(**batch).to(self.dtype)
         return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ['TrainConfig']
+__all__ = ['TrainConfig', 'default_temperature', 'lr_factor']
 
 
 @dataclass
@@ -34,9 +34,8 @@ class TrainConfig:
             (cross-entropy against hard negatives and, with ``in_batch``, the other queries' positives), or
             ``auto`` (``distill`` when the data has teacher scores, else ``ce``).
         in_batch: use the other queries' positives as negatives in the ``ce`` loss.
-        temperature: cross-entropy logits are ``scores / temperature``; None means 0.05 for cosine models,
-            ``0.05 * dim`` for a DotEncoder with ``doc_norm=True`` (its scores are ``dim`` times a correlation)
-            and 1 otherwise.
+        temperature: cross-entropy logits are ``scores / temperature``; None means :func:`default_temperature`
+            of the model trained.
         head_only: freeze the backbone and train only the hyperhead (or the DotEncoder's query projection).
         seed: seeds query order, negative sampling and dropout.
         eval_every: evaluate on the dev set every this many steps (0: only at the end).
@@ -96,9 +95,22 @@ class TrainConfig:
             raise ValueError(f'metric={self.metric!r} is not an ir_measures measure (e.g. "Rprec", "nDCG@10")') from e
 
 
-def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == 'linear':
         return max(0.0, (total - step) / max(1, total - warmup))
     return 1.0
+
+
+def default_temperature(model) -> float:
+    """The cross-entropy temperature for ``model``'s score scale: the model's own ``train_temperature`` when it
+    carries one (a Hypencoder warm-started from a ``doc_norm`` BE-Base does), 0.05 for cosine models, ``0.05 * dim``
+    for a ``doc_norm`` DotEncoder (standardised vectors' inner products are ``dim`` times a correlation: the same 0.05
+    on a cosine's scale), else 1."""
+    own = getattr(model, 'train_temperature', None)
+    if own is not None:
+        return float(own)
+    if getattr(model, 'normalize', False):
+        return 0.05
+    return 0.05 * model.dim if getattr(model, 'doc_norm', False) else 1.0

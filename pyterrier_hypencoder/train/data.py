@@ -9,7 +9,6 @@ and samples training batches from them.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,89 +20,12 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from ..optional import require
+from .datasets import as_dataset, dataset_docs, dataset_topics
 
 __all__ = ['TrainingGroups', 'Batch', 'QuerySampler', 'DevSet', 'build_training_data', 'training_data_from_dataset',
-           'dataset_topics', 'dataset_docs', 'pisa_bm25', 'split_topics', 'save_frame', 'load_frame']
+           'save_frame', 'load_frame']
 
 TextSource = Union[pt.Transformer, Mapping[str, str], pd.DataFrame, Callable[[Sequence[str]], Sequence[str]]]
-
-
-# ---- datasets -----------------------------------------------------------------------------------------------
-
-def _dataset(dataset):
-    return pt.get_dataset(dataset) if isinstance(dataset, str) else dataset
-
-
-def dataset_topics(dataset, variant: Optional[str] = None) -> pd.DataFrame:
-    """A dataset's topics as ``qid, query``; ``variant`` picks the query field (NFCorpus needs ``'text'``).
-
-    When ``variant`` is None the dataset's default is used, falling back to ``'text'`` for datasets (such as BEIR's
-    NFCorpus) whose default topics carry several fields but no ``query`` column.
-    """
-    dataset = _dataset(dataset)
-    topics = dataset.get_topics(variant) if variant else dataset.get_topics()
-    if 'query' not in topics.columns and variant is None:
-        topics = dataset.get_topics('text')
-    if 'query' not in topics.columns:
-        raise ValueError(f'the topics of {dataset} have no query column (columns: {list(topics.columns)}); '
-                         'pass the query field as the topics variant, e.g. variant="text"')
-    return topics[['qid', 'query']].reset_index(drop=True)
-
-
-def dataset_docs(dataset, fields: Union[str, Sequence[str]] = ('title', 'text'), verbose: bool = False) -> pd.DataFrame:
-    """A dataset's corpus as a ``docno, text`` frame, the ``fields`` joined with a space (missing fields skipped)."""
-    fields = [fields] if isinstance(fields, str) else list(fields)
-    rows = []
-    for doc in _dataset(dataset).get_corpus_iter(verbose=verbose):
-        present = [str(doc[f]) for f in fields if doc.get(f)]
-        if not any(f in doc for f in fields):
-            raise KeyError(f'documents have none of the fields {fields}; they have {sorted(doc)}')
-        rows.append((doc['docno'], ' '.join(present).strip()))
-    return pd.DataFrame(rows, columns=['docno', 'text'])
-
-
-def pisa_bm25(docs: Union[pd.DataFrame, Sequence[dict]], path: Union[str, os.PathLike], *, num_results: int = 1000,
-              threads: int = 1):
-    """BM25 from pyterrier-pisa over ``docs`` (``docno, text``), indexing into ``path`` unless already built there.
-
-    An index already at ``path`` is reused only when it was built over the same documents (a fingerprint of the
-    docnos and texts is kept beside it, in ``<path>.corpus``): a reused output folder must not give BM25 over
-    another corpus.
-
-    Raises:
-        ImportError: pyterrier-pisa is not installed.
-        FileExistsError: when ``path`` holds a BM25 index of other documents.
-    """
-    require('pyterrier_pisa', purpose='pisa_bm25')
-    from pyterrier_pisa import PisaIndex
-    path = Path(path).absolute()
-    records = docs.to_dict('records') if isinstance(docs, pd.DataFrame) else list(docs)
-    digest = hashlib.sha256()
-    for d in records:
-        digest.update(f'{d["docno"]}\t{d["text"]}\n'.encode('utf-8', 'surrogatepass'))
-    stamp = Path(f'{path}.corpus')
-    index = PisaIndex(str(path), text_field='text', threads=threads)
-    if index.built():
-        known = stamp.read_text().strip() if stamp.exists() else None
-        if (known is not None and known != digest.hexdigest()) or (known is None and len(index) != len(records)):
-            raise FileExistsError(f'{path} holds a BM25 index of other documents ({len(index)} documents; these are '
-                             f'{len(records)}); delete it, or give another path')
-    else:
-        index.index({'docno': d['docno'], 'text': d['text']} for d in records)
-    stamp.write_text(digest.hexdigest() + '\n')
-    return index.bm25(num_results=num_results, threads=threads)
-
-
-def split_topics(topics: pd.DataFrame, fraction: float, seed: int = 0):
-    """Splits topics into ``(train, held_out)`` with ``fraction`` of the queries held out (seeded, by qid)."""
-    if not 0 < fraction < 1:
-        raise ValueError(f'fraction must be between 0 and 1; got {fraction}')
-    qids = np.array(sorted(topics['qid'].unique()))
-    rng = np.random.default_rng(seed)
-    held = set(rng.choice(qids, size=max(1, int(round(len(qids) * fraction))), replace=False))
-    mask = topics['qid'].isin(held)
-    return topics[~mask].reset_index(drop=True), topics[mask].reset_index(drop=True)
 
 
 # ---- building training data ---------------------------------------------------------------------------------
@@ -194,16 +116,16 @@ def training_data_from_dataset(dataset, retriever: pt.Transformer, *, fields: Un
 
     Args:
         dataset: a dataset or its name, e.g. ``'irds:beir/scifact/train'``.
-        retriever: the first-stage retriever over the dataset's corpus (see :func:`pisa_bm25`).
+        retriever: the first-stage retriever over the dataset's corpus (see :func:`.datasets.pisa_bm25`).
         fields: document fields joined into ``text``.
-        topics_variant: the query field (see :func:`dataset_topics`).
+        topics_variant: the query field (see :func:`.datasets.dataset_topics`).
         num_candidates: candidates kept per query.
         teacher: optional reranker adding teacher scores.
-        topics: use these topics instead of the dataset's (e.g. a subset after :func:`split_topics`).
+        topics: use these topics instead of the dataset's (e.g. a subset after :func:`.datasets.split_topics`).
         min_label: qrels labels >= this are positives.
         verbose: progress bars.
     """
-    dataset = _dataset(dataset)
+    dataset = as_dataset(dataset)
     if topics is None:
         topics = dataset_topics(dataset, topics_variant)
     field_list = [fields] if isinstance(fields, str) else list(fields)
@@ -405,7 +327,7 @@ class DevSet:
                      topics_variant: Optional[str] = None, topics: Optional[pd.DataFrame] = None,
                      docs: Optional[pd.DataFrame] = None) -> DevSet:
         """A dev set from a dataset split: its topics (or ``topics``), qrels and whole corpus (or ``docs``)."""
-        dataset = _dataset(dataset)
+        dataset = as_dataset(dataset)
         if topics is None:
             topics = dataset_topics(dataset, topics_variant)
         if docs is None:

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..model import TextEncoder, _progress, pool
+from ..text_encoder import TextEncoder, batch_progress, pool
 
 __all__ = ['FeatureStore', 'frozen_pooled_docs', 'frozen_query_states']
 
@@ -26,7 +26,7 @@ def frozen_query_states(model: TextEncoder, texts: Sequence[str], batch_size: in
     """Frozen backbone token states, one ``[tokens, hidden]`` tensor per query (padding removed)."""
     out: List[Optional[torch.Tensor]] = [None] * len(texts)
     it = model._length_sorted_batches(list(texts), model.query_max_length, batch_size, 'query_max_length')
-    for pos, batch in _progress(it, verbose, len(texts), batch_size, 'encoding queries (frozen)'):
+    for pos, batch in batch_progress(it, verbose, len(texts), batch_size, 'encoding queries (frozen)'):
         states = model.backbone(**batch).last_hidden_state
         lengths = batch['attention_mask'].sum(1).tolist()
         for row, i in enumerate(pos.tolist()):
@@ -41,7 +41,7 @@ def frozen_pooled_docs(model: TextEncoder, texts: Sequence[str], batch_size: int
     backbone = model.doc_backbone or model.backbone
     out = torch.empty(len(texts), model.dim)
     it = model._length_sorted_batches(list(texts), model.doc_max_length, batch_size, 'doc_max_length')
-    for pos, batch in _progress(it, verbose, len(texts), batch_size, 'encoding documents (frozen)'):
+    for pos, batch in batch_progress(it, verbose, len(texts), batch_size, 'encoding documents (frozen)'):
         states = backbone(**batch).last_hidden_state
         out[pos] = pool(states, batch['attention_mask'], model.pooling).float().cpu()
     return out

@@ -27,7 +27,7 @@ import torch
 from ..checkpoint import load_state_dict
 from ..model import Hypencoder
 from .biencoder import DotEncoder
-from .config import TrainConfig, _lr_factor
+from .config import TrainConfig, default_temperature, lr_factor
 from .data import DevSet, QuerySampler, TrainingGroups
 from .evaluation import _evaluate_run, _rank, _results_frame, exhaustive_retrieve
 from .features import FeatureStore, _pad_states, check_trainable
@@ -92,9 +92,7 @@ class Trainer:
             raise ValueError('the distill loss needs teacher scores (a score column); use loss="ce" for labels only')
         self.temperature = self.config.temperature
         if self.temperature is None:
-            # standardised vectors' inner products are dim times a correlation: the same 0.05 on a cosine's scale
-            self.temperature = (0.05 if getattr(model, 'normalize', False)
-                                else 0.05 * model.dim if getattr(model, 'doc_norm', False) else 1.0)
+            self.temperature = default_temperature(model)
         if self.config.batch_size > len(self.groups):
             raise ValueError(f'batch_size {self.config.batch_size} exceeds the {len(self.groups)} training queries')
         self.dev = dev
@@ -340,7 +338,7 @@ class Trainer:
         params = [p for g in groups for p in g['params']]
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.schedule))
+            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.schedule))
         sampler = QuerySampler(len(self.groups), cfg.seed)
         negatives = torch.Generator().manual_seed(cfg.seed + 1)
         self._best: Optional[Dict[str, torch.Tensor]] = None

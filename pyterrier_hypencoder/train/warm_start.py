@@ -15,6 +15,7 @@ import torch
 from ..model import Hypencoder
 from ..qnet import QNetSpec
 from .biencoder import DotEncoder
+from .config import default_temperature
 
 __all__ = ['warm_start_hypencoder', 'warm_start_from_dot']
 
@@ -196,4 +197,6 @@ def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: f
         head.weight_hyper_projection[last].weight.copy_(projection)
         head.weight_hyper_projection[last].bias.zero_()
         head.hyper_base_matrices[last].zero_()
+    # The scores are BE-Base's, so training goes on at BE-Base's temperature (0.05 * dim when doc_norm=True).
+    model.train_temperature = default_temperature(dot)
     return model

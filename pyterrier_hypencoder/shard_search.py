@@ -1,0 +1,129 @@
+"""Searching a sharded index: each shard searched on its own, returning global rows, and the in-process backend.
+
+:class:`ShardSearcher` is what every backend runs per shard (:class:`LocalShards` here, one after another; Ray actors
+in :mod:`~pyterrier_hypencoder.ray_backend`); the driver merges the shards' top-k lists in the total order (score
+descending, global row ascending among ties) with :func:`~pyterrier_hypencoder.search.merge_topk`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .index import HypencoderIndexFiles
+from .pooled import pooled_search
+from .search import exhaustive_search, graph_search, merge_topk, place_vectors
+from .sharded import ShardedIndexFiles
+from .surrogate import InnerProductIndex
+from .walk import adaptive_search, surrogate_search
+
+__all__ = ['LocalShards', 'ShardSearcher']
+
+
+class ShardSearcher:
+    """One shard, placed for search, and what its searches keep between batches: what each backend runs per shard.
+
+    Every mode searches the shard on its own and returns global row ids, so the driver only merges top-k lists.
+    Graph mode walks the shard's own graph with its share of the initial sample (``n_initial * count / total``,
+    at least 1). Adaptive and surrogate modes run their rounds in the shard with the full parameters: the
+    shard's top-k is then found as well as one index's would be, and the merge of the shards' exact top-k lists is
+    the exact top-k. Adaptive search draws its pools from the shard's own inner-product ANN index when it has one
+    (:func:`~pyterrier_hypencoder.pooled.pooled_search`), else it runs the exact rounds over the shard. Each shard
+    samples with the seed ``seed + shard_no``.
+    """
+
+    def __init__(self, shard: HypencoderIndexFiles, shard_no: int, offset: int, total: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.shard, self.shard_no, self.offset, self.total = shard, shard_no, offset, total
+        # Placed once (a GPU copy per shard when they fit), as the unsharded retriever does.
+        self.vectors = place_vectors(shard.vectors(), device, dtype)
+        self._exact_ip: Optional[InnerProductIndex] = None
+
+    def _ip_index(self):
+        if self.shard.has_ip_index():
+            return self.shard.ip_index()
+        if self._exact_ip is None:  # a float32 copy of the shard's vectors, built at its first surrogate search
+            self._exact_ip = InnerProductIndex(self.vectors)
+        return self._exact_ip
+
+    def search(self, qnets, k: int, mode: str, params: Dict[str, Any], block: Optional[int]
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The shard's top-``k`` ``(scores, global ids (-1 padding), documents scored per query)``, on the CPU.
+
+        Args:
+            qnets: the batch's q-nets, on the shard's device.
+            k: results per query.
+            mode: ``exhaustive``, ``graph``, ``adaptive`` or ``surrogate``.
+            params: the retriever's search parameters (``seed``; graph: ``n_initial``, ``n_candidates``,
+                ``max_iter``, ``early_stopping``; adaptive/surrogate: ``n_sample``, ``n_entry``, ``max_rounds``,
+                ``pool``, ``refreshes``, ``stop_k``, ``max_scored``, ``expand``, ``ef``).
+            block: the exhaustive-search block (None: the default).
+        """
+        n, seed = len(self.shard), params['seed'] + self.shard_no
+        if mode == 'exhaustive':
+            scores, ids = exhaustive_search(qnets, self.vectors, k, block=block)
+            scored = torch.full((len(qnets),), n)
+        elif mode == 'graph':
+            n_initial = max(1, -(-params['n_initial'] * n // self.total))
+            scores, ids, scored = graph_search(qnets, self.vectors, self.shard.graph_edges(), k, n_initial=n_initial,
+                                               n_candidates=params['n_candidates'], max_iter=params['max_iter'],
+                                               early_stopping=params['early_stopping'], seed=seed)
+        else:
+            result = self._surrogate_rounds(qnets, k, mode, params, seed)
+            scores, ids, scored = result.scores, result.ids, result.n_scored
+        return scores, torch.where(ids >= 0, ids + self.offset, ids), scored
+
+    def _surrogate_rounds(self, qnets, k: int, mode: str, params: Dict[str, Any], seed: int):
+        if mode == 'surrogate':
+            return surrogate_search(qnets, self.vectors, k, n_sample=params['n_sample'], n_entry=params['n_entry'],
+                                    seed=seed, ip_index=self._ip_index())
+        if not params['expand'] and self.shard.has_ip_index():
+            return pooled_search(qnets, self.vectors, self.shard.ip_index(), k, n_sample=params['n_sample'],
+                                 pool=params['pool'], n_entry=params['n_entry'], max_rounds=params['max_rounds'],
+                                 refreshes=params['refreshes'], stop_k=params['stop_k'],
+                                 max_scored=params['max_scored'], seed=seed)
+        edges = self.shard.graph_edges() if params['expand'] else None
+        return adaptive_search(qnets, self.vectors, edges, k, n_sample=params['n_sample'], n_entry=params['n_entry'],
+                               max_rounds=params['max_rounds'], expand=params['expand'], ef=params['ef'],
+                               max_scored=params['max_scored'], stop_k=params['stop_k'], seed=seed,
+                               ip_index=self._ip_index())
+
+
+class LocalShards:
+    """The in-process backend: the shards searched one after another in this process (the reference in tests)."""
+
+    def __init__(self, index: ShardedIndexFiles, device: torch.device, dtype: torch.dtype):
+        self.index = index
+        self.device = device
+        self.dtype = dtype
+        self._searchers: Optional[List[ShardSearcher]] = None
+
+    def __repr__(self) -> str:
+        return 'local'
+
+    def _placed(self) -> List[ShardSearcher]:
+        if self._searchers is None:
+            offsets = self.index.offsets
+            self._searchers = [ShardSearcher(self.index.shard(i), i, int(offsets[i]), len(self.index), self.device,
+                                             self.dtype) for i in range(self.index.n_shards)]
+        return self._searchers
+
+    def search(self, qnets, k: int, mode: str, params: Dict[str, Any], block: Optional[int]):
+        """The merged top-``k`` ``(scores, global ids, documents scored per query)`` of every shard."""
+        parts = [searcher.search(qnets, k, mode, params, block) for searcher in self._placed()]
+        scores, ids = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+        return scores, ids, sum(p[2] for p in parts)
+
+    def close(self) -> None:
+        """Drops the placed vectors (GPU copies); the next search places them again."""
+        self._searchers = None
+
+    def vectors(self, rows: np.ndarray) -> torch.Tensor:
+        """The stored vectors of global ``rows``, in that order."""
+        shard, local = self.index.locate(rows)
+        out = np.empty((len(rows), self.index.dim), dtype=self.index.meta['dtype'])
+        for i in np.unique(shard):
+            sel = np.nonzero(shard == i)[0]
+            out[sel] = self.index.shard(int(i)).vectors()[local[sel]]
+        return torch.from_numpy(out)
