@@ -363,14 +363,8 @@ class HypencoderIndexFiles(pta.Artifact):
         Raises:
             HypencoderIndexError: when the index folder was deleted (or left incomplete) since it was read.
         """
-        if self._stamp is not None:
-            try:
-                current = file_stamp(self.path / 'pt_meta.json')
-            except FileNotFoundError:
-                raise HypencoderIndexError(f'the index {self.path} was deleted (or is being replaced) while in use; '
-                                           'rebuild it, or make a new retriever once it is back') from None
-            if current != self._stamp:
-                self._forget()
+        if was_rebuilt(self.path, self._stamp, 'index'):
+            self._forget()
         return self._generation
 
     def flex_index(self, **kwargs):
@@ -401,6 +395,22 @@ class HypencoderIndexFiles(pta.Artifact):
             except OSError:  # another process made it first
                 shutil.rmtree(tmp, ignore_errors=True)
         return FlexIndex(flex, **kwargs)
+
+
+def was_rebuilt(path: Path, stamp: Optional[tuple], what: str) -> bool:
+    """Whether the index folder ``path`` was rebuilt since its metadata was read with :func:`file_stamp` ``stamp``
+    (False when it was not read yet): the one rebuild check of single and sharded indexes.
+
+    Raises:
+        HypencoderIndexError: when the folder was deleted (or left incomplete) since it was read.
+    """
+    if stamp is None:
+        return False
+    try:
+        return file_stamp(path / 'pt_meta.json') != stamp
+    except FileNotFoundError:
+        raise HypencoderIndexError(f'the {what} {path} was deleted (or is being replaced) while in use; rebuild it, '
+                                   'or make a new retriever once it is back') from None
 
 
 def file_stamp(path: Path) -> tuple:

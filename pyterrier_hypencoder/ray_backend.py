@@ -79,6 +79,10 @@ class ShardActor:
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self.shard.vectors()[rows])
 
+    def score_rows(self, qnets, pair_query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.searcher.score_rows([q.to(self.device, self.dtype) for q in qnets], pair_query, rows)
+
 
 class RayShards:
     """The Ray backend of a sharded index's search: one :class:`ShardActor` per shard."""
@@ -147,6 +151,20 @@ class RayShards:
         scores, ids = merge_topk([torch.from_numpy(np.array(p[0])) for p in parts],
                                  [torch.from_numpy(np.array(p[1])) for p in parts], k)
         return scores, ids, torch.from_numpy(sum(np.asarray(p[2], dtype=np.int64) for p in parts))
+
+    def score_rows(self, qnets, pair_query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Scores of (query, global row) pairs, computed on the actors that hold the rows: the q-nets travel to the
+        documents, not the documents to the driver."""
+        self._check_open()
+        ref = ray.put([q.to('cpu') for q in qnets])  # once per batch, shared by every actor
+        shard, local = self.index.locate(rows)
+        # Every actor is asked (most with few pairs, some with none), so an error names the right shard.
+        parts = self._get([a.score_rows.remote(ref, pair_query[shard == i], local[shard == i])
+                           for i, a in enumerate(self.actors)], 'score')
+        out = np.empty(len(rows), dtype=np.float64)
+        for i, part in enumerate(parts):
+            out[shard == i] = part
+        return out
 
     def vectors(self, rows: np.ndarray) -> torch.Tensor:
         """The stored vectors of global ``rows``, fetched from the actors that hold them."""

@@ -171,18 +171,18 @@ class HypencoderReranker(pt.Transformer):
                     self._cache.popitem(last=False)
         return [found[q] for q in queries]
 
+    def _rows(self, frame: pd.DataFrame) -> np.ndarray:
+        """Index rows of the documents of ``frame``'s rows."""
+        try:
+            return self.index.rows(frame['docno'].tolist())
+        except KeyError as e:
+            raise KeyError(f'{e.args[0]}. The reranker scores the vectors stored in its index, so every docno must '
+                           'come from the indexed corpus (was the first stage run on another corpus?)') from None
+
     def _doc_vectors(self, frame: pd.DataFrame) -> torch.Tensor:
-        """Vectors of the documents of ``frame``'s rows, on the scoring device."""
+        """Vectors of the documents of ``frame``'s rows, on the scoring device (a single index, or texts)."""
         if self.index is not None:
-            try:
-                rows = self.index.rows(frame['docno'].tolist())
-            except KeyError as e:
-                raise KeyError(f'{e.args[0]}. The reranker scores the vectors stored in its index, so every docno must '
-                               'come from the indexed corpus (was the first stage run on another corpus?)') from None
-            if self._shards is not None:
-                vectors = self._shards.vectors(rows)  # routed to each row's shard
-            else:
-                vectors = torch.from_numpy(np.asarray(self.index.vectors()[rows]))
+            vectors = torch.from_numpy(np.asarray(self.index.vectors()[self._rows(frame)]))
         else:
             texts = frame[self.text_field]
             bad = texts.map(lambda t: not isinstance(t, str))
@@ -213,6 +213,12 @@ class HypencoderReranker(pt.Transformer):
                 last = min(first + self.batch_size, len(queries))
                 qnets = self._qnets(list(queries[first:last]))
                 rows = order[bounds[first]:bounds[last]]
+                if self._shards is not None:
+                    # Each shard's backend scores its own documents (on Ray: on the actors that hold them).
+                    pair_query = query_codes[rows] - first
+                    scores[rows] = self._shards.score_rows(qnets, pair_query, self._rows(inp.iloc[rows]))
+                    bar.update(last - first)
+                    continue
                 vectors = self._doc_vectors(inp.iloc[rows])
                 for j in range(last - first):
                     lo, hi = bounds[first + j] - bounds[first], bounds[first + j + 1] - bounds[first]

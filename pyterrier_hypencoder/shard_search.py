@@ -6,7 +6,7 @@ descending, global row ascending among ties) with :func:`~pyterrier_hypencoder.s
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -74,6 +74,27 @@ class ShardSearcher:
             scores, ids, scored = result.scores, result.ids, result.n_scored
         return scores, torch.where(ids >= 0, ids + self.offset, ids), scored
 
+    def score_rows(self, qnets: Sequence, pair_query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Scores of (query, document) pairs held by this shard, computed where its vectors are (a reranker's
+        work, so no vector leaves the shard).
+
+        Args:
+            qnets: one single-query q-net per query of the batch.
+            pair_query: ``[m]`` the query (index into ``qnets``) of each pair.
+            rows: ``[m]`` the shard-local row of each pair's document.
+
+        Returns:
+            ``[m]`` float64 scores, in the pairs' order.
+        """
+        out = np.empty(len(rows), dtype=np.float64)
+        for j in np.unique(pair_query):
+            sel = np.nonzero(pair_query == j)[0]
+            x = self.vectors[torch.from_numpy(rows[sel])] if isinstance(self.vectors, torch.Tensor) else \
+                torch.from_numpy(np.asarray(self.vectors[rows[sel]]))
+            q = qnets[int(j)].to(x.device)
+            out[sel] = q.score(x.to(q.weights[0].dtype))[0].double().cpu().numpy()
+        return out
+
     def _surrogate_rounds(self, qnets, k: int, mode: str, params: Dict[str, Any], seed: int):
         if mode == 'surrogate':
             return surrogate_search(qnets, self.vectors, k, n_sample=params['n_sample'], n_entry=params['n_entry'],
@@ -114,6 +135,18 @@ class LocalShards:
         parts = [searcher.search(qnets, k, mode, params, block) for searcher in self._placed()]
         scores, ids = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
         return scores, ids, sum(p[2] for p in parts)
+
+    def score_rows(self, qnets: Sequence, pair_query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Scores of (query, global row) pairs. In this process the rows' vectors are gathered from their shards
+        and each query's documents scored in one call, exactly as over the unsharded index."""
+        vectors = self.vectors(rows)
+        out = np.empty(len(rows), dtype=np.float64)
+        for j in np.unique(pair_query):
+            sel = np.nonzero(pair_query == j)[0]
+            q = qnets[int(j)]
+            out[sel] = q.score(vectors[torch.from_numpy(sel)].to(q.weights[0].device, q.weights[0].dtype))[0] \
+                .double().cpu().numpy()
+        return out
 
     def close(self) -> None:
         """Drops the placed vectors (GPU copies); the next search places them again."""

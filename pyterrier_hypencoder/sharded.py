@@ -32,7 +32,7 @@ import pyterrier as pt
 import pyterrier_alpha as pta
 
 from .graph import write_graph
-from .index import VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, build_ip_index, file_stamp, write_docnos
+from .index import VEC_FILES, HypencoderIndexError, HypencoderIndexFiles, build_ip_index, file_stamp, was_rebuilt, write_docnos
 from .search import check_int
 
 __all__ = ['ShardedIndexFiles', 'building', 'shard_dirname', 'shard_sizes', 'split_index', 'write_manifest']
@@ -108,17 +108,11 @@ class ShardedIndexFiles(pta.Artifact):
         Raises:
             HypencoderIndexError: when the folder was deleted (or left incomplete) since it was read.
         """
-        if self._stamp is not None:
-            try:
-                current = file_stamp(self.path / 'pt_meta.json')
-            except FileNotFoundError:
-                raise HypencoderIndexError(f'the sharded index {self.path} was deleted (or is being replaced) while in '
-                                           'use; rebuild it, or make a new retriever once it is back') from None
-            if current != self._stamp:
-                for name in ('meta', '_shards'):
-                    self.__dict__.pop(name, None)
-                self._stamp = None
-                self._generation += 1
+        if was_rebuilt(self.path, self._stamp, 'sharded index'):
+            for name in ('meta', '_shards'):
+                self.__dict__.pop(name, None)
+            self._stamp = None
+            self._generation += 1
         return self._generation
 
     def __len__(self) -> int:
