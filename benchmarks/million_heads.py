@@ -1,12 +1,14 @@
 """The q-nets of the million-document benchmark: Hypencoder heads trained on debian-packages' training queries.
 
-Two Hypencoder heads on frozen all-MiniLM-L6-v2 (mean pooling, documents cut at 256 tokens), both started from
-MiniLM's own cosine (``warm_start_hypencoder``) and trained head-only with BM25 hard negatives (cross-entropy over 1
-positive and 7 negatives, lr 3e-5, the settings ``examples/debian_scaling.py`` chose on dev): a 2-layer q-net and a
-6-layer one (its extra blocks start as the identity). Beside them BE-Base (cosine, learned query projection, lr
-3e-4), the inner-product model whose FAISS search is the benchmark's bar. The document vectors come from the
-index being benchmarked (its first 45,741 rows: debian-packages' corpus), so nothing is encoded twice. Each head is saved with
-``save_pretrained`` and its debian test figures (exhaustive over the 45,741 documents) go to ``heads.json``.
+Two Hypencoder heads on frozen all-MiniLM-L6-v2 (mean pooling, documents cut at 256 tokens), trained head-only with
+BM25 hard negatives (cross-entropy over 1 positive and 7 negatives): a 2-layer q-net started from MiniLM's own cosine
+(``warm_start_hypencoder``, lr 3e-5, the settings ``examples/debian_scaling.py`` chose on dev), and a 6-layer one
+started as ``bebase-ln``, a trained BE-Base over standardised vectors (``warm_start_from_dot``: its extra blocks
+start as identities, lr 1e-5). Beside them ``bebase`` (cosine, learned query projection, lr 3e-4), the inner-product
+model whose FAISS search is the benchmark's bar. The best dev checkpoint of each is kept. The document vectors come
+from the index being benchmarked (its first 45,741 rows: debian-packages' corpus), so nothing is encoded twice. Each
+model is saved with ``save_pretrained`` and its debian test figures (exhaustive over the 45,741 documents) go to
+``heads.json``.
 
     python benchmarks/million_heads.py --index .cache/million/minilm-mean256.hyp --out .cache/million/heads
     python benchmarks/million_heads.py --quick   # 60 steps on 2,000 training queries, into .cache/million-quick
