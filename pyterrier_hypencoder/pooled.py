@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .qnet import QNets
-from .search import VectorsLike, _gather, _score_padded, check_int, default_chunk_size
-from .surrogate import InnerProductIndex, _Normal
+from .search import VectorsLike, check_int, default_chunk_size, gather_rows, score_padded
+from .surrogate import InnerProductIndex, NormalEquations
 from .walk import WalkResult, check_common
 
 __all__ = ['pooled_search']
@@ -95,7 +95,7 @@ class _Pool:
         cols = slice(self.ids.shape[1] - width, None)
         self.ids[rows, cols] = add_ids
         self.open[rows, cols] = add_ids >= 0
-        self.x[torch.from_numpy(rows), cols] = _gather(self.qnets, self.vectors, np.maximum(add_ids, 0)).float().cpu()
+        self.x[torch.from_numpy(rows), cols] = gather_rows(self.qnets, self.vectors, np.maximum(add_ids, 0)).float().cpu()
         return gained
 
     def best(self, rows: np.ndarray, w: torch.Tensor, m: np.ndarray) -> np.ndarray:
@@ -117,8 +117,8 @@ def _score(qnets: QNets, vectors: VectorsLike, rows: np.ndarray, ids: np.ndarray
         # Indexing q-nets by a tensor copies all their weights: cheaper to score every row while most are active.
         full = np.full((len(qnets), ids.shape[1]), -1, dtype=np.int64)
         full[rows] = ids
-        return _score_padded(qnets, vectors, np.maximum(full, 0), full >= 0)[torch.from_numpy(rows)]
-    return _score_padded(qnets[torch.from_numpy(rows)], vectors, np.maximum(ids, 0), ids >= 0)
+        return score_padded(qnets, vectors, np.maximum(full, 0), full >= 0)[torch.from_numpy(rows)]
+    return score_padded(qnets[torch.from_numpy(rows)], vectors, np.maximum(ids, 0), ids >= 0)
 
 
 @torch.no_grad()
@@ -174,14 +174,14 @@ def pooled_search(qnets: QNets, vectors: VectorsLike, ip_index: InnerProductInde
     # 1. The shared sample and the first surrogates.
     sample = np.sort(np.random.default_rng(seed).choice(n, min(int(n_sample), n), replace=False))
     step = default_chunk_size(n_queries, qnets.dim)
-    sample_scores = torch.cat([qnets.score(_gather(qnets, vectors, sample[s:s + step])).float().cpu()
+    sample_scores = torch.cat([qnets.score(gather_rows(qnets, vectors, sample[s:s + step])).float().cpu()
                                for s in range(0, len(sample), step)], dim=1)
     top = _Top(n_queries, k, stop_k)
     top.merge(rows, np.broadcast_to(sample, sample_scores.shape).copy(), sample_scores)
     n_scored = np.full(n_queries, len(sample), dtype=np.int64)
     n_inner = np.zeros(n_queries, dtype=np.int64)
     n_iter = np.zeros(n_queries, dtype=np.int64)
-    normal = _Normal(_gather(qnets, vectors, sample).float().cpu(), sample_scores, ridge)
+    normal = NormalEquations(gather_rows(qnets, vectors, sample).float().cpu(), sample_scores, ridge)
     w = normal.solve()
 
     # 2. The first pools.
@@ -212,7 +212,7 @@ def pooled_search(qnets: QNets, vectors: VectorsLike, ip_index: InnerProductInde
             full_ids[act] = ids
             full_scores = torch.zeros(n_queries, ids.shape[1])
             full_scores[torch.from_numpy(act)] = torch.where(torch.from_numpy(valid), scores, torch.zeros_like(scores))
-            normal.add(_gather(qnets, vectors, np.maximum(full_ids, 0)).float().cpu(), full_scores,
+            normal.add(gather_rows(qnets, vectors, np.maximum(full_ids, 0)).float().cpu(), full_scores,
                        torch.from_numpy(full_ids >= 0))
             w = normal.solve()
         stalled = act[(entered == 0) | ~pools.open[act].any(1)]

@@ -46,7 +46,7 @@ _ADD_RELU_ = getattr(torch.ops.aten, '_add_relu_', None)
 _SCORE_BUDGET_BYTES = {'cpu': 30 * 2 ** 20, 'cuda': 2 ** 28}
 # Documents per query in a step: the rows of each q-net's GEMMs. Below ~1000 rows the batched GEMMs fall well short
 # of the machine's peak (measured on CPU), so more queries make more, smaller query groups, not smaller chunks.
-_SCORE_MIN_DOCS = {'cpu': 1024, 'cuda': 4096}
+SCORE_MIN_DOCS = {'cpu': 1024, 'cuda': 4096}
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ class QNets:
         budget = self.step_elements()
         n_queries = len(self)
         if chunk_size is None:
-            min_docs = max(1, min(n, _SCORE_MIN_DOCS.get(self.device.type, _SCORE_MIN_DOCS['cpu'])))
+            min_docs = max(1, min(n, SCORE_MIN_DOCS.get(self.device.type, SCORE_MIN_DOCS['cpu'])))
             group = max(1, budget // (min_docs * width))
         else:
             group = max(1, budget // (chunk_size * width))

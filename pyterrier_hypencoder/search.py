@@ -11,7 +11,7 @@ from typing import Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .qnet import _SCORE_MIN_DOCS, QNets
+from .qnet import SCORE_MIN_DOCS, QNets
 
 __all__ = ['exhaustive_search', 'graph_search', 'merge_topk', 'place_vectors', 'score_block']
 
@@ -31,7 +31,7 @@ def check_int(name: str, value, low: int = 1) -> None:
         raise ValueError(f'{name} must be an integer >= {low}; got {value!r}')
 
 
-def _check_vectors(qnets: QNets, vectors: VectorsLike) -> int:
+def check_vectors(qnets: QNets, vectors: VectorsLike) -> int:
     if vectors.ndim != 2 or vectors.shape[1] != qnets.dim:
         raise ValueError(f'document vectors must have shape [n_docs, {qnets.dim}] to match the q-nets; got '
                          f'{tuple(vectors.shape)} (were they encoded by another model?)')
@@ -50,7 +50,7 @@ def _rows(qnets: QNets, vectors: VectorsLike, start: int, stop: int) -> torch.Te
     return block.to(device=qnets.device, dtype=qnets.dtype)
 
 
-def _gather(qnets: QNets, vectors: VectorsLike, ids: np.ndarray) -> torch.Tensor:
+def gather_rows(qnets: QNets, vectors: VectorsLike, ids: np.ndarray) -> torch.Tensor:
     """Rows ``ids`` (any shape) of ``vectors``: a tensor of shape ``ids.shape + (dim,)`` on the q-nets' device."""
     if isinstance(vectors, torch.Tensor):
         block = vectors[torch.from_numpy(ids.reshape(-1)).to(vectors.device)]
@@ -101,7 +101,7 @@ def score_block(device: Union[str, torch.device]) -> int:
     a multiple of the block therefore computes its documents' scores in the same GEMMs as the unsharded index,
     bit for bit (see :class:`~pyterrier_hypencoder.sharded.ShardedIndexFiles`).
     """
-    return _SCORE_MIN_DOCS.get(torch.device(device).type, _SCORE_MIN_DOCS['cpu'])
+    return SCORE_MIN_DOCS.get(torch.device(device).type, SCORE_MIN_DOCS['cpu'])
 
 
 def _order_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -166,7 +166,7 @@ def exhaustive_search(qnets: QNets, vectors: VectorsLike, k: int, *, chunk_size:
         ``(scores, ids)``: float32 ``[Q, min(k, n)]`` scores and int64 row ids, on the CPU, best first.
     """
     check_int('k (the number of results)', k)
-    n = _check_vectors(qnets, vectors)
+    n = check_vectors(qnets, vectors)
     n_queries = len(qnets)
     if block is None:
         block = score_block(qnets.device)
@@ -190,7 +190,7 @@ def exhaustive_search(qnets: QNets, vectors: VectorsLike, k: int, *, chunk_size:
     return best_scores.cpu(), best_ids.cpu()
 
 
-def _score_padded(qnets: QNets, vectors: VectorsLike, ids: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+def score_padded(qnets: QNets, vectors: VectorsLike, ids: np.ndarray, valid: np.ndarray) -> torch.Tensor:
     """Scores row ``i`` of ``ids`` ([Q, m], a different set per query) with q-net ``i``; ``-inf`` where not valid."""
     n_queries, m = ids.shape
     out = torch.full((n_queries, m), float('-inf'))
@@ -203,7 +203,7 @@ def _score_padded(qnets: QNets, vectors: VectorsLike, ids: np.ndarray, valid: np
     for r in range(0, n_queries, rows):
         for c in range(0, m, cols):
             block = ids[r:r + rows, c:c + cols]
-            out[r:r + rows, c:c + cols] = qnets[r:r + rows].score_pairs(_gather(qnets, vectors, block)).float().cpu()
+            out[r:r + rows, c:c + cols] = qnets[r:r + rows].score_pairs(gather_rows(qnets, vectors, block)).float().cpu()
     out[~torch.from_numpy(valid)] = float('-inf')
     return out
 
@@ -260,7 +260,7 @@ def graph_search(qnets: QNets, vectors: VectorsLike, edges: np.ndarray, k: int, 
         ValueError: on a parameter out of range, or ``edges`` or ``vectors`` of the wrong shape.
     """
     _check_walk_args(k, n_initial, n_candidates, max_iter)
-    n = _check_vectors(qnets, vectors)
+    n = check_vectors(qnets, vectors)
     if edges.ndim != 2 or edges.shape[0] != n:
         raise ValueError(f'edges must have shape [n_docs, neighbours] with n_docs={n} (one row per document vector); '
                          f'got {tuple(edges.shape)}: is the graph from another index?')
@@ -268,7 +268,7 @@ def graph_search(qnets: QNets, vectors: VectorsLike, edges: np.ndarray, k: int, 
     sample = np.sort(np.random.default_rng(seed).choice(n, min(int(n_initial), n), replace=False))
     # Scored for all queries at once, in chunks (the sample can be the whole corpus).
     step = default_chunk_size(len(qnets), qnets.dim)
-    sample_scores = torch.cat([qnets.score(_gather(qnets, vectors, sample[s:s + step])).float().cpu()
+    sample_scores = torch.cat([qnets.score(gather_rows(qnets, vectors, sample[s:s + step])).float().cpu()
                                for s in range(0, len(sample), step)], dim=1)
     # The per-query "seen" bitmaps take n bytes per query, so large batches are walked group by group.
     group = max(1, _SEEN_BYTES // n)
@@ -341,7 +341,7 @@ def _walk(qnets, vectors, edges, sample, sample_scores, k, n_candidates, max_ite
         valid = front_ids[act] >= 0
         # Indexing q-nets by a tensor copies their weights: skip it while every query is still walking.
         active_qnets = qnets if len(act) == n_queries else qnets[act_t]
-        front_scores[act_t] = _score_padded(active_qnets, vectors, np.maximum(front_ids[act], 0), valid)
+        front_scores[act_t] = score_padded(active_qnets, vectors, np.maximum(front_ids[act], 0), valid)
         # Merge into the top k.
         top, top_ids, pos = _top(torch.cat([scores[act_t], front_scores[act_t]], dim=1),
                                  np.concatenate([ids[act], front_ids[act]], axis=1), k)

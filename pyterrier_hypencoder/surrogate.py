@@ -218,7 +218,7 @@ def _ridge_solve(xc: torch.Tensor, yc: torch.Tensor, ridge: float, pad: Optional
     return torch.cholesky_solve(xc.transpose(1, 2) @ yc, torch.linalg.cholesky(system))
 
 
-class _Normal:
+class NormalEquations:
     """Per-query normal equations of the ridge fit, accumulated as documents are scored (no refit re-reads them).
 
     Vectors are shifted by the sample mean (conditioning) and get a constant feature (the intercept, not penalised).

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from .qnet import QNets
-from .search import VectorsLike, _check_vectors, _gather, _score_padded, check_int, default_chunk_size
-from .surrogate import InnerProductIndex, _Normal, fit_surrogates
+from .search import VectorsLike, check_int, check_vectors, default_chunk_size, gather_rows, score_padded
+from .surrogate import InnerProductIndex, NormalEquations, fit_surrogates
 
 __all__ = ['InnerProductIndex', 'WalkResult', 'adaptive_search', 'surrogate_search', 'fit_surrogates']
 
@@ -58,7 +58,7 @@ def check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed):
     check_int('seed', seed, 0)
     if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not ridge > 0:
         raise ValueError(f'ridge must be a number > 0; got {ridge!r}')
-    return _check_vectors(qnets, vectors)
+    return check_vectors(qnets, vectors)
 
 
 class _State:
@@ -115,9 +115,9 @@ def _score_new(qnets: QNets, vectors, state: _State, rows: np.ndarray, ids: np.n
         # score every row and drop the others while at least half of the queries are still walking.
         full = np.full((len(qnets), ids.shape[1]), -1, dtype=np.int64)
         full[rows] = ids
-        scores = _score_padded(qnets, vectors, np.maximum(full, 0), full >= 0)[torch.from_numpy(rows)]
+        scores = score_padded(qnets, vectors, np.maximum(full, 0), full >= 0)[torch.from_numpy(rows)]
     else:
-        scores = _score_padded(qnets[torch.from_numpy(rows)], vectors, np.maximum(ids, 0), valid)
+        scores = score_padded(qnets[torch.from_numpy(rows)], vectors, np.maximum(ids, 0), valid)
     r, c = np.nonzero(valid)
     state.seen[rows[r], ids[r, c]] = True
     return state.merge(rows, ids, scores, keep_all)
@@ -130,9 +130,9 @@ def _surrogate_rounds(qnets, vectors, state, sample, sample_scores, n_entry, rou
     rows = np.arange(n_queries)
     state.seen[:, sample] = True
     state.merge(rows, np.broadcast_to(sample, sample_scores.shape).copy(), sample_scores, False)
-    x_sample = _gather(qnets, vectors, sample).float().cpu()
+    x_sample = gather_rows(qnets, vectors, sample).float().cpu()
     if rounds > 1:
-        normal = _Normal(x_sample, sample_scores, ridge)
+        normal = NormalEquations(x_sample, sample_scores, ridge)
         w = normal.solve()
     else:
         w, _ = fit_surrogates(x_sample, sample_scores, ridge=ridge)
@@ -155,7 +155,7 @@ def _surrogate_rounds(qnets, vectors, state, sample, sample_scores, n_entry, rou
             active &= entered > 0
         if last or not active.any():
             break
-        normal.add(_gather(qnets, vectors, np.maximum(ids, 0)).float().cpu(), state.all_scores.pop(),
+        normal.add(gather_rows(qnets, vectors, np.maximum(ids, 0)).float().cpu(), state.all_scores.pop(),
                    torch.from_numpy(ids >= 0))
         w = normal.solve()
 
@@ -212,7 +212,7 @@ def _run(qnets, vectors, edges, k, ef, n_sample, n_entry, rounds, stop, budget, 
                          f'{n} of {vectors.shape[1]}: was it built for another index?')
     sample = np.sort(np.random.default_rng(seed).choice(n, min(int(n_sample), n), replace=False))
     step = default_chunk_size(len(qnets), qnets.dim)
-    sample_scores = torch.cat([qnets.score(_gather(qnets, vectors, sample[s:s + step])).float().cpu()
+    sample_scores = torch.cat([qnets.score(gather_rows(qnets, vectors, sample[s:s + step])).float().cpu()
                                for s in range(0, len(sample), step)], dim=1)
     group = max(1, _SEEN_BYTES // n)
     parts = []

@@ -82,3 +82,14 @@ def test_storage_and_search_know_nothing_of_the_model_or_ray():
 def test_no_module_over_450_lines():
     long = {module_name(p): n for p in PACKAGE.rglob('*.py') if (n := len(p.read_text().splitlines())) > 450}
     assert not long, long
+
+
+def test_no_private_name_is_imported_across_modules():
+    # A helper two modules share is a public name of the module that owns it, not a `_private` reach-in.
+    reach_ins = []
+    for path in PACKAGE.rglob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or '').startswith(PACKAGE.name)):
+                reach_ins += [f'{module_name(path)}: {alias.name}' for alias in node.names
+                              if alias.name.startswith('_') and not alias.name.startswith('__')]
+    assert not reach_ins, reach_ins

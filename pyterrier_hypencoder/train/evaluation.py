@@ -19,7 +19,7 @@ Model = Union[Hypencoder, DotEncoder]
 
 
 @torch.no_grad()
-def _rank(score_fn, n_queries: int, doc_vectors: torch.Tensor, num_results: int, query_batch: int = 64):
+def rank_rows(score_fn, n_queries: int, doc_vectors: torch.Tensor, num_results: int, query_batch: int = 64):
     """Top ``num_results`` rows of ``doc_vectors`` per query; ``score_fn(slice)`` scores a slice of queries."""
     k = min(num_results, doc_vectors.shape[0])
     scores, rows = [], []
@@ -31,7 +31,7 @@ def _rank(score_fn, n_queries: int, doc_vectors: torch.Tensor, num_results: int,
     return torch.cat(scores).numpy(), torch.cat(rows).numpy()
 
 
-def _results_frame(topics: pd.DataFrame, docnos: Sequence[str], scores: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
+def results_frame(topics: pd.DataFrame, docnos: Sequence[str], scores: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
     k = scores.shape[1]
     docnos = np.asarray(docnos, dtype=object)
     frame = pd.DataFrame({
@@ -66,9 +66,9 @@ def exhaustive_retrieve(model: Model, topics: pd.DataFrame, doc_vectors: torch.T
     if not len(topics):
         return pd.DataFrame({'qid': [], 'query': [], 'docno': [], 'score': [], 'rank': []})
     reps = model.encode_queries(topics['query'].tolist(), batch_size=batch_size)
-    scores, rows = _rank(lambda sl, d: model.score_all(reps[sl], d), len(topics), doc_vectors.to(model.device),
+    scores, rows = rank_rows(lambda sl, d: model.score_all(reps[sl], d), len(topics), doc_vectors.to(model.device),
                          num_results, batch_size)
-    return _results_frame(topics, docnos, scores, rows)
+    return results_frame(topics, docnos, scores, rows)
 
 
 class ModelScorer(pt.Transformer):
@@ -122,7 +122,7 @@ class ModelScorer(pt.Transformer):
         return pt.model.add_ranks(inp.drop(columns=['score', 'rank'], errors='ignore').assign(score=scores))
 
 
-def _evaluate_run(run: pd.DataFrame, qrels: pd.DataFrame, metric: str) -> float:
+def evaluate_run(run: pd.DataFrame, qrels: pd.DataFrame, metric: str) -> float:
     import ir_measures
     measure = ir_measures.parse_measure(metric)
     return float(pt.Evaluate(run, qrels, [measure])[str(measure)])

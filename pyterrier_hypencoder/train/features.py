@@ -47,7 +47,7 @@ def frozen_pooled_docs(model: TextEncoder, texts: Sequence[str], batch_size: int
     return out
 
 
-def _pad_states(states: Sequence[torch.Tensor]):
+def pad_states(states: Sequence[torch.Tensor]):
     """Token states of different lengths as one zero-padded ``[B, tokens, hidden]`` batch and its attention mask."""
     lengths = torch.tensor([s.shape[0] for s in states], device=states[0].device)
     mask = (torch.arange(int(lengths.max()), device=lengths.device) < lengths[:, None]).long()

@@ -29,8 +29,8 @@ from ..model import Hypencoder
 from .biencoder import DotEncoder
 from .config import TrainConfig, default_temperature, lr_factor
 from .data import DevSet, QuerySampler, TrainingGroups
-from .evaluation import _evaluate_run, _rank, _results_frame, exhaustive_retrieve
-from .features import FeatureStore, _pad_states, check_trainable
+from .evaluation import evaluate_run, exhaustive_retrieve, rank_rows, results_frame
+from .features import FeatureStore, check_trainable, pad_states
 from .losses import distillation_loss, hard_negative_cross_entropy
 from .run_folder import claim, run_settings, write_settings
 
@@ -172,7 +172,7 @@ class Trainer:
     def _scores(self, batch):
         device = self.model.device
         if self.config.head_only:
-            states, mask = _pad_states([self._train_queries[i] for i in batch.query_index.tolist()])
+            states, mask = pad_states([self._train_queries[i] for i in batch.query_index.tolist()])
             reps = self.model.reps_from_states(states.to(self.model.dtype), mask)
             docs = self._train_docs[batch.doc_index.to(device)].to(self.model.dtype)
         else:
@@ -227,10 +227,10 @@ class Trainer:
                     docs, queries = self._dev_docs, self._dev_queries
 
                 def score_fn(sl, d):
-                    states, mask = _pad_states(queries[sl])
+                    states, mask = pad_states(queries[sl])
                     return self.model.score_all(self.model.reps_from_states(states.to(self.model.dtype), mask), d)
-                scores, rows = _rank(score_fn, len(dev.topics), docs.to(self.model.dtype), self.config.num_results)
-                run = _results_frame(dev.topics, dev.docs['docno'].tolist(), scores, rows)
+                scores, rows = rank_rows(score_fn, len(dev.topics), docs.to(self.model.dtype), self.config.num_results)
+                run = results_frame(dev.topics, dev.docs['docno'].tolist(), scores, rows)
             else:
                 vectors = self.model.encode_docs(dev.docs['text'].tolist(), batch_size=self.config.encode_batch_size,
                                                  verbose=self.verbose)
@@ -238,7 +238,7 @@ class Trainer:
                                           num_results=self.config.num_results)
         finally:
             self.model.train(was_training)
-        return _evaluate_run(run, dev.qrels, metric)
+        return evaluate_run(run, dev.qrels, metric)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
