@@ -450,6 +450,8 @@ def main(argv=None) -> dict:
     Path(args.out).write_text(json.dumps(results, indent=1))
     png = Path(args.out).with_suffix('.png')
     plot(results, png)
+    from million_report import report
+    print(report(results))
     print(f'wrote {rel(Path(args.out))} and {rel(png)} in {results["seconds"]:.0f} s')
     return results
 

@@ -19,9 +19,11 @@ declare -A RUNS=(
   [walk]="benchmarks/walk.py --quick"
   [walk_report]="benchmarks/walk_report.py .cache/walk-quick/walk.json --plot .cache/walk-quick/walk.png"
   [million]="benchmarks/million.py --quick"
+  [million_report]="benchmarks/million_report.py .cache/million-quick/million.json --sharded .cache/million-quick/million_sharded.json"
+  [million_sharded]="benchmarks/million_sharded.py --quick"
   [million_heads]="benchmarks/million_heads.py --quick --index .cache/million-quick/minilm-mean256.hyp"
 )
-ORDER=(gpu_check encoding qnet_throughput graph_build search sharded walk walk_report million million_heads)
+ORDER=(gpu_check encoding qnet_throughput graph_build search sharded walk walk_report million million_sharded million_report million_heads)
 [ $# -gt 0 ] && ORDER=("$@")
 summary=()
 for name in "${ORDER[@]}"; do
