@@ -43,6 +43,10 @@ class HypencoderRetriever(pt.Transformer):
       (pool ``ef``). The defaults need no graph and no tuning to the corpus size: with ``num_results=100`` on
       31,744 debian-packages documents they scored 634-1,188 documents per query (three q-nets) at recall@10
       0.96-1.0 against exhaustive search (``benchmarks/README.md``); at most ``n_sample + max_rounds * n_entry``.
+      On an index built with an inner-product ANN index (``HypencoderIndexer(ip_index='hnsw32')`` or
+      ``index.add_ip_index()``) the rounds run inside candidate pools drawn from it
+      (:func:`~pyterrier_hypencoder.pooled.pooled_search`, ``pool`` documents per draw, ``refreshes`` fresh draws),
+      so no round touches the whole corpus: the path for large corpora (``benchmarks/million.py``).
     - ``surrogate``: the two-stage baseline: sample ``n_sample``, fit, score the surrogate's top ``n_entry``.
 
     With ``num_results`` larger than the corpus, exhaustive search returns every document. A graph walk returns
