@@ -113,28 +113,31 @@ def main(argv=None) -> dict:
     params = {'seed': 0, 'n_sample': args.n_sample, 'pool': args.pool, 'n_entry': args.n_entry,
               'max_rounds': args.max_rounds, 'refreshes': args.refreshes, 'stop_k': None, 'max_scored': None,
               'expand': 0, 'ef': None}
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    cpu, f32 = torch.device('cpu'), torch.float32
-    backends = {'local': LocalShards(sharded, cpu, f32),
-                'ray': RayShards(sharded, None, cpu, f32, num_cpus=args.threads / args.shards)}
 
     def single(q):
         r = pooled_search(q, x, index.ip_index(), K, n_sample=args.n_sample, pool=args.pool, n_entry=args.n_entry,
                           max_rounds=args.max_rounds, refreshes=args.refreshes, seed=0)
         return r.scores, r.ids, r.n_scored
 
-    runs = {'single': single, **{name: (lambda q, b=b: b.search(q, K, 'adaptive', params, None))
-                                 for name, b in backends.items()}}
     results = {'benchmark': 'million_sharded', 'argv': sys.argv[1:] if argv is None else list(argv),
                'machine': machine(), 'index': rel(Path(args.index)), 'documents': len(index),
                'shards': [s['count'] for s in sharded.meta['shards']], 'split_seconds': split_seconds,
                'queries': len(qids), 'k': K, 'settings': {k: v for k, v in params.items() if v is not None},
                'load_before': os.getloadavg(), 'rows': []}
+    # Loaded outside inference mode, as million.py loads them: a model loaded inside it gives q-nets that differ in
+    # the last bits, and the cached ground truth (keyed by the q-nets' digest) would be recomputed.
+    names = args.qnets.split(',')
+    qnets_of = {name: load_qnets(name, Path(args.heads), texts) for name in names}
+    truths = {name: ground_truth(name, qnets_of[name], x, len(index), cache, k=args.deep_truth)[0] for name in names}
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    cpu, f32 = torch.device('cpu'), torch.float32
+    backends = {'local': LocalShards(sharded, cpu, f32),
+                'ray': RayShards(sharded, None, cpu, f32, num_cpus=args.threads / args.shards)}
+    runs = {'single': single, **{name: (lambda q, b=b: b.search(q, K, 'adaptive', params, None))
+                                 for name, b in backends.items()}}
     with torch.inference_mode():
-        for name in args.qnets.split(','):
-            qnets = load_qnets(name, Path(args.heads), texts)
-            truth, _ = ground_truth(name, qnets, x, len(index), cache, k=args.deep_truth)
-            exact = truth[:, :K]
+        for name in names:
+            qnets, exact = qnets_of[name], truths[name][:, :K]
             row = {'qnet': name, 'qnets_sha256': fingerprint(qnets)[:16]}
             ids_of = {}
             for run_name, run in runs.items():  # interleaved: the three back to back for each q-net
