@@ -122,7 +122,7 @@ def main():
 
     from pyterrier_hypencoder.ray_backend import RayShards
     from pyterrier_hypencoder.search import exhaustive_search
-    from pyterrier_hypencoder.sharded import LocalShards
+    from pyterrier_hypencoder.shard_search import LocalShards
 
     load_before, uptime_before = os.getloadavg(), subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
     model = load_model()
