@@ -60,7 +60,7 @@ class ShardSearcher:
                 ``pool``, ``refreshes``, ``stop_k``, ``max_scored``, ``expand``, ``ef``).
             block: the exhaustive-search block (None: the default).
         """
-        n, seed = len(self.shard), params['seed'] + self.shard_no
+        n, seed = len(self.shard), params.get('seed', 0) + self.shard_no  # exhaustive search takes no seed
         if mode == 'exhaustive':
             scores, ids = exhaustive_search(qnets, self.vectors, k, block=block)
             scored = torch.full((len(qnets),), n)
