@@ -341,6 +341,15 @@ def quick_setup(args) -> None:
                                                             '--out', args.heads]))
 
 
+def default_paths(args):
+    """Fills ``args.index``, ``args.heads`` and ``args.cache`` left unset: the full run's or ``--quick``'s folders."""
+    tag = 'million-quick' if args.quick else 'million'
+    args.index = args.index or str(ROOT / '.cache' / tag / 'minilm-mean256.hyp')
+    args.heads = args.heads or str(ROOT / '.cache' / tag / 'heads')
+    args.cache = args.cache or str(ROOT / '.cache' / tag / 'bench')
+    return args
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--index', default=None, help='default .cache/million/minilm-mean256.hyp')
@@ -370,11 +379,7 @@ def parse_args(argv=None):
                         help='compute and cache the exhaustive ground truth, then stop (it is not a timed figure)')
     parser.add_argument('--quick', action='store_true', help='a 12,000-document index built here, 3 sizes, 50 queries')
     parser.add_argument('--quick-docs', type=int, default=12000)
-    args = parser.parse_args(argv)
-    tag = 'million-quick' if args.quick else 'million'
-    args.index = args.index or str(ROOT / '.cache' / tag / 'minilm-mean256.hyp')
-    args.heads = args.heads or str(ROOT / '.cache' / tag / 'heads')
-    args.cache = args.cache or str(ROOT / '.cache' / tag / 'bench')
+    args = default_paths(parser.parse_args(argv))
     if args.quick:
         args.sizes, args.queries, args.timed_queries, args.latency_queries = '3000,6000,12000', 50, 16, 2
     args.out = args.out or str(ROOT / ('.cache/million-quick/million.json' if args.quick else

@@ -47,11 +47,8 @@ def parse_args(argv=None):
     parser.add_argument('--refreshes', type=int, default=1)
     parser.add_argument('--quick', action='store_true', help='million.py --quick\'s index and heads, 50 queries')
     parser.add_argument('--quick-docs', type=int, default=12000)
-    args = parser.parse_args(argv)
-    tag = 'million-quick' if args.quick else 'million'
-    args.index = args.index or str(ROOT / '.cache' / tag / 'minilm-mean256.hyp')
-    args.heads = args.heads or str(ROOT / '.cache' / tag / 'heads')
-    args.cache = args.cache or str(ROOT / '.cache' / tag / 'bench')
+    from million import default_paths
+    args = default_paths(parser.parse_args(argv))
     if args.quick:
         args.queries = 50
     args.out = args.out or str(ROOT / ('.cache/million-quick/million_sharded.json' if args.quick else
