@@ -231,7 +231,7 @@ def adaptive(qnets, x, ip, args):
     from pyterrier_hypencoder.pooled import pooled_search
     from pyterrier_hypencoder.walk import adaptive_search
     if len(x) < args.exact_below:
-        return adaptive_search(qnets, x, None, K, n_sample=args.n_sample, n_entry=args.n_entry,
+        return adaptive_search(qnets, x, None, K, n_sample=args.n_sample, n_entry=args.n_entry or 64,
                                max_rounds=args.max_rounds, stop_k=args.stop_k, ip_index=ip)
     return pooled_search(qnets, x, ip, K, n_sample=args.n_sample, pool=args.pool, n_entry=args.n_entry,
                          max_rounds=args.max_rounds, refreshes=args.refreshes, stop_k=args.stop_k)
@@ -371,7 +371,8 @@ def parse_args(argv=None):
                         help='sizes below this use the exact per-round adaptive search (the reference)')
     parser.add_argument('--n-sample', type=int, default=128)
     parser.add_argument('--pool', type=int, default=1024)
-    parser.add_argument('--n-entry', type=int, default=64)
+    parser.add_argument('--n-entry', type=int, default=None,
+                        help='pool documents scored per round (default: the whole pool)')
     parser.add_argument('--max-rounds', type=int, default=32)
     parser.add_argument('--refreshes', type=int, default=1)
     parser.add_argument('--stop-k', type=int, default=None)

@@ -42,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=2, help='cores for the single index and the whole Ray cluster')
     parser.add_argument('--n-sample', type=int, default=128)
     parser.add_argument('--pool', type=int, default=1024)
-    parser.add_argument('--n-entry', type=int, default=64)
+    parser.add_argument('--n-entry', type=int, default=None,
+                        help='pool documents scored per round (default: the whole pool)')
     parser.add_argument('--max-rounds', type=int, default=32)
     parser.add_argument('--refreshes', type=int, default=1)
     parser.add_argument('--quick', action='store_true', help='million.py --quick\'s index and heads, 50 queries')

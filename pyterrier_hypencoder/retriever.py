@@ -14,7 +14,7 @@ from .model import load_model
 from .pooled import pooled_search
 from .search import check_int, exhaustive_search, graph_search, place_vectors
 from .sharded import ShardedIndexFiles
-from .walk import InnerProductIndex, adaptive_search, surrogate_search
+from .walk import DEFAULT_N_ENTRY, InnerProductIndex, adaptive_search, surrogate_search
 
 __all__ = ['HypencoderRetriever']
 
@@ -84,7 +84,7 @@ class HypencoderRetriever(pt.Transformer):
 
     def __init__(self, model, index, *, num_results: int = 1000, mode: str = 'exhaustive', n_initial: int = 10000,
                  n_candidates: int = 64, max_iter: int = 16, early_stopping: bool = True, seed: int = 0,
-                 n_sample: int = 128, n_entry: int = 64, max_rounds: int = 32, expand: int = 0,
+                 n_sample: int = 128, n_entry: Optional[int] = None, max_rounds: int = 32, expand: int = 0,
                  ef: Optional[int] = None, max_scored: Optional[int] = None, pool: int = 1024, refreshes: int = 1,
                  stop_k: Optional[int] = None, scored_column: Optional[str] = None,
                  batch_size: int = 32, device: Union[None, str, torch.device] = None, backend: Optional[str] = None,
@@ -104,7 +104,8 @@ class HypencoderRetriever(pt.Transformer):
             early_stopping: graph mode: stop a query's walk when a step adds nothing to its results.
             seed: graph, adaptive and surrogate modes: seed of the random sample (shared by every query); >= 0.
             n_sample: adaptive/surrogate: random documents scored to fit the first surrogates.
-            n_entry: adaptive/surrogate: documents scored per surrogate round (surrogate: the top-M).
+            n_entry: adaptive/surrogate: documents scored per surrogate round (surrogate: the top-M). Default 64;
+                with an inner-product ANN index, the whole ``pool``.
             max_rounds: adaptive: most surrogate rounds.
             expand: adaptive: documents expanded per graph-walk step (0: no walk, no graph needed).
             ef: adaptive walk: pool of best documents whose neighbours are scored (default num_results).
@@ -143,7 +144,8 @@ class HypencoderRetriever(pt.Transformer):
         check_int('seed', seed, 0)
         check_int('batch_size', batch_size)
         check_int('n_sample', n_sample, 2)
-        check_int('n_entry', n_entry, 0)
+        if n_entry is not None:
+            check_int('n_entry', n_entry, 0)
         check_int('max_rounds', max_rounds, 0)
         check_int('expand', expand, 0)
         check_int('pool', pool)
@@ -258,6 +260,11 @@ class HypencoderRetriever(pt.Transformer):
         return fused
 
     @property
+    def _n_entry(self) -> int:
+        """Documents per round of the exact surrogate rounds (pooled search takes ``n_entry`` as given)."""
+        return DEFAULT_N_ENTRY if self.n_entry is None else self.n_entry
+
+    @property
     def search_device(self) -> torch.device:
         """The device where documents are scored."""
         return self.device if self.device is not None else self.model.device
@@ -296,11 +303,11 @@ class HypencoderRetriever(pt.Transformer):
         if self._ip_index is None:  # a float32 copy of the vectors, built once per retriever
             self._ip_index = InnerProductIndex(vectors)
         if self.mode == 'surrogate':
-            result = surrogate_search(qnets, vectors, self.num_results, n_sample=self.n_sample, n_entry=self.n_entry,
+            result = surrogate_search(qnets, vectors, self.num_results, n_sample=self.n_sample, n_entry=self._n_entry,
                                       seed=self.seed, ip_index=self._ip_index)
         else:
             result = adaptive_search(qnets, vectors, self._edges, self.num_results, n_sample=self.n_sample,
-                                     n_entry=self.n_entry, max_rounds=self.max_rounds, expand=self.expand, ef=self.ef,
+                                     n_entry=self._n_entry, max_rounds=self.max_rounds, expand=self.expand, ef=self.ef,
                                      max_scored=self.max_scored, stop_k=self.stop_k, seed=self.seed,
                                      ip_index=self._ip_index)
         return result.scores, result.ids, result.n_scored

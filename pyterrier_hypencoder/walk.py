@@ -28,6 +28,8 @@ from .qnet import QNets
 from .search import VectorsLike, check_int, check_vectors, default_chunk_size, gather_rows, score_padded
 from .surrogate import InnerProductIndex, NormalEquations, fit_surrogates
 
+DEFAULT_N_ENTRY = 64  # documents per exact surrogate round (adaptive_search)
+
 __all__ = ['InnerProductIndex', 'WalkResult', 'adaptive_search', 'surrogate_search', 'fit_surrogates']
 
 # Bytes of the per-query "seen" bitmaps of one walk group; more queries are walked group by group.
@@ -264,7 +266,7 @@ def surrogate_search(qnets: QNets, vectors: VectorsLike, k: int, *, n_sample: in
 
 @torch.no_grad()
 def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarray], k: int, *, n_sample: int = 128,
-                    n_entry: int = 64, max_rounds: int = 32, expand: int = 0, ef: Optional[int] = None,
+                    n_entry: int = DEFAULT_N_ENTRY, max_rounds: int = 32, expand: int = 0, ef: Optional[int] = None,
                     max_scored: Optional[int] = None, max_iter: int = 10000, stop_k: Optional[int] = None,
                     ridge: float = 0.1, seed: int = 0, ip_index: Optional[InnerProductIndex] = None) -> WalkResult:
     """Approximate top-``k``: rounds of refitted linear surrogates, then (optionally) a best-first graph walk.
