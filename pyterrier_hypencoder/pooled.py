@@ -11,11 +11,11 @@ round, which is exact but touches the whole corpus each time (an inner-product G
    with HNSW, built once with the index) for each surrogate's top ``pool`` documents. Cost: one HNSW search with a
    beam of ``pool``, about ``pool * M * log(n)`` inner products.
 3. **Rounds.** Rank the unscored pool documents by the current surrogate (``pool`` inner products, no corpus
-   access), score the best ``n_entry`` with the q-net, refit the surrogate on everything scored (incremental normal
-   equations). Cost per round: ``n_entry`` q-net evaluations plus ``pool`` inner products; the rounds depend on the
-   q-net, not on ``n``.
+   access), score the best ``n_entry`` with the q-net (by default the whole pool: one round per draw), and refit
+   the surrogate on everything scored (incremental normal equations). Cost per round: ``n_entry`` q-net
+   evaluations plus ``pool`` inner products; the rounds depend on the q-net, not on ``n``.
 4. **Refresh.** When a round adds nothing to a query's top ``stop_k`` (or its pool is used up), the refitted
-   surrogate, now fitted on the documents that score best, draws a fresh pool from the ANN index (step 2 again);
+   surrogate, now fitted on the sample and every pool document scored, draws a fresh pool from the ANN index (step 2 again);
    the query stops once that has happened ``refreshes`` times, or a fresh draw brings nothing unseen.
 
 Nothing per query scales with ``n`` except the ANN searches (sublinear for HNSW); "seen" sets live in the pool
