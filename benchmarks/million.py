@@ -227,14 +227,16 @@ def machine() -> dict:
             'cpu_capability': torch.backends.cpu.get_cpu_capability()}
 
 
-def adaptive(qnets, x, ip, args):
+def adaptive(qnets, x, ip, args, name=None):
+    """Adaptive search with the run's settings, and ``--qnet-settings``' overrides for q-net ``name``."""
     from pyterrier_hypencoder.pooled import pooled_search
     from pyterrier_hypencoder.walk import adaptive_search
+    kw = {key: getattr(args, key) for key in ('n_sample', 'pool', 'n_entry', 'max_rounds', 'refreshes', 'stop_k')}
+    kw.update(args.qnet_settings.get(name, {}))
     if len(x) < args.exact_below:
-        return adaptive_search(qnets, x, None, K, n_sample=args.n_sample, n_entry=args.n_entry or 64,
-                               max_rounds=args.max_rounds, stop_k=args.stop_k, ip_index=ip)
-    return pooled_search(qnets, x, ip, K, n_sample=args.n_sample, pool=args.pool, n_entry=args.n_entry,
-                         max_rounds=args.max_rounds, refreshes=args.refreshes, stop_k=args.stop_k)
+        return adaptive_search(qnets, x, None, K, n_sample=kw['n_sample'], n_entry=kw['n_entry'] or 64,
+                               max_rounds=kw['max_rounds'], stop_k=kw['stop_k'], ip_index=ip)
+    return pooled_search(qnets, x, ip, K, **kw)
 
 
 def measure(name, qnets, x, ip, exact, docnos, qids, rel_docs, args) -> dict:
@@ -247,7 +249,7 @@ def measure(name, qnets, x, ip, exact, docnos, qids, rel_docs, args) -> dict:
         out['exhaustive_ms_b32'] = 1e3 * secs.sum() / min(t, len(qnets))
         runs = {}
         for batch in (32, 1):
-            parts, secs = per_batch(lambda q: adaptive(q, x, ip, args), qnets, batch)
+            parts, secs = per_batch(lambda q: adaptive(q, x, ip, args, name), qnets, batch)
             runs[batch] = parts
             if batch == 1:
                 out['adaptive_ms_b1_p50'] = 1e3 * float(np.percentile(secs, 50))
@@ -376,6 +378,9 @@ def parse_args(argv=None):
     parser.add_argument('--max-rounds', type=int, default=32)
     parser.add_argument('--refreshes', type=int, default=1)
     parser.add_argument('--stop-k', type=int, default=None)
+    parser.add_argument('--qnet-settings', type=json.loads, default={},
+                        help='per q-net overrides of the adaptive settings as JSON, e.g. '
+                             '\'{"untrained6": {"pool": 2048, "refreshes": 4}}\'')
     parser.add_argument('--truth-only', action='store_true',
                         help='compute and cache the exhaustive ground truth, then stop (it is not a timed figure)')
     parser.add_argument('--quick', action='store_true', help='a 12,000-document index built here, 3 sizes, 50 queries')
@@ -413,7 +418,7 @@ def main(argv=None) -> dict:
                'index': rel(Path(args.index)), 'queries': len(qids), 'k': K, 'sizes': sizes,
                'settings': {key: getattr(args, key) for key in ('n_sample', 'pool', 'n_entry', 'max_rounds',
                                                                  'refreshes', 'stop_k', 'hnsw_m', 'faiss_ef',
-                                                                 'exact_below')},
+                                                                 'exact_below', 'qnet_settings')},
                'heads': json.loads((heads / 'heads.json').read_text()) if (heads / 'heads.json').exists() else None,
                'load_before': os.getloadavg(), 'rows': [], 'builds': {}}
     started = time.time()
