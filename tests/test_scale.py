@@ -174,6 +174,17 @@ def test_pooled_search_batch_equals_single_queries_and_is_deterministic(corpus):
         assert alone.n_scored[0] == batch.n_scored[q] and alone.n_iter[0] == batch.n_iter[q]
 
 
+def test_pooled_search_scores_each_draw_whole_by_default(corpus):
+    x, qnets, _, hnsw = corpus
+    default = pooled_search(qnets, x, hnsw, 10, pool=150, refreshes=1)
+    whole = pooled_search(qnets, x, hnsw, 10, pool=150, n_entry=150, refreshes=1)
+    np.testing.assert_array_equal(default.ids.numpy(), whole.ids.numpy())
+    # one round per draw (the first pool, one refresh) and a final round that finds the pool used up
+    assert default.n_iter.max().item() <= 3
+    # every drawn document is scored: the sample plus at most two draws of 150
+    assert (default.n_scored > 64 + 150).all() and (default.n_scored <= 128 + 2 * 150).all()
+
+
 def test_pooled_search_budget_and_errors(corpus):
     x, qnets, exact, hnsw = corpus
     capped = pooled_search(qnets, x, hnsw, 10, n_sample=64, pool=300, n_entry=32, max_scored=100)
