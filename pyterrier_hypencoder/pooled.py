@@ -230,15 +230,15 @@ def pooled_search(qnets: QNets, vectors: VectorsLike, ip_index: InnerProductInde
             scores = _score(qnets, act, vecs, valid)
             n_scored[act] += valid.sum(1)
             entered = top.merge(act, ids, scores)
-            full_x = torch.zeros(n_queries, ids.shape[1], vecs.shape[2])
-            full_valid = np.zeros((n_queries, ids.shape[1]), dtype=bool)
-            full_scores = torch.zeros(n_queries, ids.shape[1])
-            act_t = torch.from_numpy(act)
-            full_x[act_t] = vecs
-            full_valid[act] = valid
-            full_scores[act_t] = torch.where(torch.from_numpy(valid), scores, torch.zeros_like(scores))
-            normal.add(full_x, full_scores, torch.from_numpy(full_valid))
-            w = normal.solve()
+            # Refit only the queries that will search again: a query with no fresh draw left whose round ends it
+            # (nothing entered its top, or its pool is used up) never uses its surrogate again.
+            refit = ~((left[act] == 0) & ((entered == 0) | ~pools.open[act].any(1)))
+            if refit.any():
+                keep = torch.from_numpy(refit)
+                kept_valid = torch.from_numpy(valid[refit])
+                normal.add(vecs[keep], torch.where(kept_valid, scores[keep], torch.zeros(())), kept_valid,
+                           rows=act[refit])
+                w = normal.solve()
         stalled = act[(entered == 0) | ~pools.open[act].any(1)]
         active[stalled[left[stalled] == 0]] = False
         again = stalled[left[stalled] > 0]

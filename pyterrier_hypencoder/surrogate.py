@@ -241,12 +241,20 @@ class NormalEquations:
     def _augment(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> None:
-        """Adds ``x [Q, m, d]`` with scores ``y [Q, m]`` where ``valid``."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, rows: Optional[np.ndarray] = None) -> None:
+        """Adds ``x [R, m, d]`` with scores ``y [R, m]`` where ``valid``, to the queries ``rows`` (default: all)."""
         xa = self._augment(x - self.shift) * valid.unsqueeze(-1)
-        self.gram += xa.transpose(1, 2) @ xa
-        self.rhs += (xa * torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)).sum(1)
-        self.count += valid.sum(1)
+        gram = xa.transpose(1, 2) @ xa
+        rhs = (xa * torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)).sum(1)
+        if rows is None:
+            self.gram += gram
+            self.rhs += rhs
+            self.count += valid.sum(1)
+        else:
+            rows = torch.from_numpy(np.asarray(rows))
+            self.gram[rows] += gram
+            self.rhs[rows] += rhs
+            self.count[rows] += valid.sum(1)
 
     def solve(self, iterations: int = 8) -> torch.Tensor:
         """Surrogate vectors ``w [Q, d]`` (the intercept does not change a ranking).
