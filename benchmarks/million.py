@@ -231,10 +231,10 @@ def adaptive(qnets, x, ip, args, name=None):
     """Adaptive search with the run's settings, and ``--qnet-settings``' overrides for q-net ``name``."""
     from pyterrier_hypencoder.pooled import pooled_search
     from pyterrier_hypencoder.walk import adaptive_search
-    kw = {key: getattr(args, key) for key in ('n_sample', 'pool', 'n_entry', 'max_rounds', 'refreshes', 'stop_k')}
+    kw = {key: getattr(args, key) for key in ADAPTIVE_SETTINGS}
     kw.update(args.qnet_settings.get(name, {}))
     if len(x) < args.exact_below:
-        return adaptive_search(qnets, x, None, K, n_sample=kw['n_sample'], n_entry=kw['n_entry'] or 64,
+        return adaptive_search(qnets, x, None, K, n_sample=kw['n_sample'], n_entry=kw['n_entry'],
                                max_rounds=kw['max_rounds'], stop_k=kw['stop_k'], ip_index=ip)
     return pooled_search(qnets, x, ip, K, **kw)
 
@@ -352,6 +352,22 @@ def default_paths(args):
     return args
 
 
+ADAPTIVE_SETTINGS = ('n_sample', 'pool', 'n_entry', 'max_rounds', 'refreshes', 'stop_k')
+
+
+def check_qnet_settings(parser, args) -> None:
+    """``--qnet-settings`` names only q-nets of the run and adaptive settings: a typo would run the defaults."""
+    settings, names = args.qnet_settings, args.qnets.split(',')
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        parser.error('--qnet-settings must be a JSON object of objects, e.g. \'{"untrained6": {"pool": 2048}}\'')
+    for name, kw in settings.items():
+        if name not in names:
+            parser.error(f'--qnet-settings names {name!r}, which is not among --qnets {names}')
+        unknown = sorted(set(kw) - set(ADAPTIVE_SETTINGS))
+        if unknown:
+            parser.error(f'--qnet-settings for {name}: unknown settings {unknown}; known: {list(ADAPTIVE_SETTINGS)}')
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--index', default=None, help='default .cache/million/minilm-mean256.hyp')
@@ -386,6 +402,7 @@ def parse_args(argv=None):
     parser.add_argument('--quick', action='store_true', help='a 12,000-document index built here, 3 sizes, 50 queries')
     parser.add_argument('--quick-docs', type=int, default=12000)
     args = default_paths(parser.parse_args(argv))
+    check_qnet_settings(parser, args)
     if args.quick:
         args.sizes, args.queries, args.timed_queries, args.latency_queries = '3000,6000,12000', 50, 16, 2
     args.out = args.out or str(ROOT / ('.cache/million-quick/million.json' if args.quick else

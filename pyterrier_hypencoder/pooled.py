@@ -174,10 +174,10 @@ def pooled_search(qnets: QNets, vectors: VectorsLike, ip_index: InnerProductInde
     Raises:
         ValueError: on a parameter out of range, vectors of the wrong shape, or an ``ip_index`` of another corpus.
     """
-    n_entry = int(pool) if n_entry is None else n_entry
-    n = check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed)
     for name, value, low in (('pool', pool, 1), ('max_rounds', max_rounds, 0), ('refreshes', refreshes, 0)):
         check_int(name, value, low)
+    n_entry = pool if n_entry is None else n_entry
+    n = check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed)
     if stop_k is not None:
         check_int('stop_k', stop_k)
     if max_scored is not None:
@@ -230,16 +230,15 @@ def pooled_search(qnets: QNets, vectors: VectorsLike, ip_index: InnerProductInde
             scores = _score(qnets, act, vecs, valid)
             n_scored[act] += valid.sum(1)
             entered = top.merge(act, ids, scores)
-            # Refit only the queries that will search again: a query with no fresh draw left whose round ends it
-            # (nothing entered its top, or its pool is used up) never uses its surrogate again.
-            refit = ~((left[act] == 0) & ((entered == 0) | ~pools.open[act].any(1)))
-            if refit.any():
-                keep = torch.from_numpy(refit)
-                kept_valid = torch.from_numpy(valid[refit])
-                normal.add(vecs[keep], torch.where(kept_valid, scores[keep], torch.zeros(())), kept_valid,
-                           rows=act[refit])
-                w = normal.solve()
-        stalled = act[(entered == 0) | ~pools.open[act].any(1)]
+        stall = (entered == 0) | ~pools.open[act].any(1)
+        # Refit only the queries that will search again: one whose round ends it with no fresh draw left never
+        # uses its surrogate again (and that Gram update costs as much as scoring the documents).
+        refit = ~(stall & (left[act] == 0)) if ids.shape[1] else np.zeros(len(act), dtype=bool)
+        if refit.any():
+            keep = torch.from_numpy(refit)
+            normal.add(vecs[keep], scores[keep], torch.from_numpy(valid[refit]), rows=act[refit])
+            w = normal.solve()
+        stalled = act[stall]
         active[stalled[left[stalled] == 0]] = False
         again = stalled[left[stalled] > 0]
         if len(again):

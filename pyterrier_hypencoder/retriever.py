@@ -14,7 +14,7 @@ from .model import load_model
 from .pooled import pooled_search
 from .search import check_int, exhaustive_search, graph_search, place_vectors
 from .sharded import ShardedIndexFiles
-from .walk import DEFAULT_N_ENTRY, InnerProductIndex, adaptive_search, surrogate_search
+from .walk import InnerProductIndex, adaptive_search, surrogate_search
 
 __all__ = ['HypencoderRetriever']
 
@@ -260,11 +260,6 @@ class HypencoderRetriever(pt.Transformer):
         return fused
 
     @property
-    def _n_entry(self) -> int:
-        """Documents per round of the exact surrogate rounds (pooled search takes ``n_entry`` as given)."""
-        return DEFAULT_N_ENTRY if self.n_entry is None else self.n_entry
-
-    @property
     def search_device(self) -> torch.device:
         """The device where documents are scored."""
         return self.device if self.device is not None else self.model.device
@@ -303,11 +298,11 @@ class HypencoderRetriever(pt.Transformer):
         if self._ip_index is None:  # a float32 copy of the vectors, built once per retriever
             self._ip_index = InnerProductIndex(vectors)
         if self.mode == 'surrogate':
-            result = surrogate_search(qnets, vectors, self.num_results, n_sample=self.n_sample, n_entry=self._n_entry,
+            result = surrogate_search(qnets, vectors, self.num_results, n_sample=self.n_sample, n_entry=self.n_entry,
                                       seed=self.seed, ip_index=self._ip_index)
         else:
             result = adaptive_search(qnets, vectors, self._edges, self.num_results, n_sample=self.n_sample,
-                                     n_entry=self._n_entry, max_rounds=self.max_rounds, expand=self.expand, ef=self.ef,
+                                     n_entry=self.n_entry, max_rounds=self.max_rounds, expand=self.expand, ef=self.ef,
                                      max_scored=self.max_scored, stop_k=self.stop_k, seed=self.seed,
                                      ip_index=self._ip_index)
         return result.scores, result.ids, result.n_scored

@@ -16,7 +16,7 @@ from .pooled import pooled_search
 from .search import exhaustive_search, graph_search, merge_topk, place_vectors
 from .sharded import ShardedIndexFiles
 from .surrogate import InnerProductIndex
-from .walk import DEFAULT_N_ENTRY, adaptive_search, surrogate_search
+from .walk import adaptive_search, surrogate_search
 
 __all__ = ['LocalShards', 'ShardSearcher']
 
@@ -96,10 +96,8 @@ class ShardSearcher:
         return out
 
     def _surrogate_rounds(self, qnets, k: int, mode: str, params: Dict[str, Any], seed: int):
-        # None: the whole pool for pooled search, DEFAULT_N_ENTRY for the exact rounds
-        rounds_entry = DEFAULT_N_ENTRY if params.get('n_entry') is None else params['n_entry']
         if mode == 'surrogate':
-            return surrogate_search(qnets, self.vectors, k, n_sample=params['n_sample'], n_entry=rounds_entry,
+            return surrogate_search(qnets, self.vectors, k, n_sample=params['n_sample'], n_entry=params.get('n_entry'),
                                     seed=seed, ip_index=self._ip_index())
         if not params['expand'] and self.shard.has_ip_index():
             return pooled_search(qnets, self.vectors, self.shard.ip_index(), k, n_sample=params['n_sample'],
@@ -107,7 +105,7 @@ class ShardSearcher:
                                  refreshes=params['refreshes'], stop_k=params['stop_k'],
                                  max_scored=params['max_scored'], seed=seed)
         edges = self.shard.graph_edges() if params['expand'] else None
-        return adaptive_search(qnets, self.vectors, edges, k, n_sample=params['n_sample'], n_entry=rounds_entry,
+        return adaptive_search(qnets, self.vectors, edges, k, n_sample=params['n_sample'], n_entry=params.get('n_entry'),
                                max_rounds=params['max_rounds'], expand=params['expand'], ef=params['ef'],
                                max_scored=params['max_scored'], stop_k=params['stop_k'], seed=seed,
                                ip_index=self._ip_index())

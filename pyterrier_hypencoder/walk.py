@@ -236,7 +236,8 @@ _NO_BUDGET = np.iinfo(np.int64).max
 
 
 @torch.no_grad()
-def surrogate_search(qnets: QNets, vectors: VectorsLike, k: int, *, n_sample: int = 500, n_entry: int = 500,
+def surrogate_search(qnets: QNets, vectors: VectorsLike, k: int, *, n_sample: int = 500,
+                     n_entry: Optional[int] = 500,
                      refits: int = 0, ridge: float = 0.1, seed: int = 0,
                      ip_index: Optional[InnerProductIndex] = None) -> WalkResult:
     """Two-stage approximate top-``k``: score a random sample, fit linear surrogates, score their top documents.
@@ -246,7 +247,8 @@ def surrogate_search(qnets: QNets, vectors: VectorsLike, k: int, *, n_sample: in
         vectors: ``[n, dim]`` document vectors (NumPy array, memory map, or tensor).
         k: results per query; ``min(k, n)`` are returned.
         n_sample: random documents scored to fit the surrogates (the same for every query); clamped to ``n``.
-        n_entry: documents each surrogate ranks best (among those not scored yet) that are then scored.
+        n_entry: documents each surrogate ranks best (among those not scored yet) that are then scored (None:
+            ``DEFAULT_N_ENTRY``).
         refits: times the surrogates are refitted on everything scored so far, each followed by ``n_entry`` more.
         ridge: ridge penalty, relative to the mean eigenvalue of the documents' Gram matrix.
         seed: seed of the random sample.
@@ -258,6 +260,7 @@ def surrogate_search(qnets: QNets, vectors: VectorsLike, k: int, *, n_sample: in
     Raises:
         ValueError: on a parameter out of range or vectors of the wrong shape.
     """
+    n_entry = DEFAULT_N_ENTRY if n_entry is None else n_entry
     check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed)
     check_int('refits', refits, 0)
     return _run(qnets, vectors, None, k, k, n_sample, n_entry, refits + 1, False, _NO_BUDGET, ridge, seed, ip_index,
@@ -266,7 +269,7 @@ def surrogate_search(qnets: QNets, vectors: VectorsLike, k: int, *, n_sample: in
 
 @torch.no_grad()
 def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarray], k: int, *, n_sample: int = 128,
-                    n_entry: int = DEFAULT_N_ENTRY, max_rounds: int = 32, expand: int = 0, ef: Optional[int] = None,
+                    n_entry: Optional[int] = DEFAULT_N_ENTRY, max_rounds: int = 32, expand: int = 0, ef: Optional[int] = None,
                     max_scored: Optional[int] = None, max_iter: int = 10000, stop_k: Optional[int] = None,
                     ridge: float = 0.1, seed: int = 0, ip_index: Optional[InnerProductIndex] = None) -> WalkResult:
     """Approximate top-``k``: rounds of refitted linear surrogates, then (optionally) a best-first graph walk.
@@ -283,7 +286,7 @@ def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarr
             so rows may have fewer valid neighbours than ``K``. Only read when ``expand > 0`` (may be None then).
         k: results per query; ``min(k, n)`` are returned.
         n_sample: random documents scored to fit the first surrogates (shared by all queries); clamped to ``n``.
-        n_entry: documents scored per surrogate round: the surrogate's best not scored yet.
+        n_entry: documents scored per surrogate round: the surrogate's best not scored yet (None: the default).
         max_rounds: most surrogate rounds (each: search, score ``n_entry``, refit); 0 skips them.
         expand: graph walk: pool documents expanded per query per step; 0 (default) skips the walk.
         ef: graph walk: size of the pool whose documents are expanded (default ``k``; at least ``k``).
@@ -301,6 +304,7 @@ def adaptive_search(qnets: QNets, vectors: VectorsLike, edges: Optional[np.ndarr
     Raises:
         ValueError: on a parameter out of range, or ``edges`` or ``vectors`` of the wrong shape.
     """
+    n_entry = DEFAULT_N_ENTRY if n_entry is None else n_entry
     n = check_common(qnets, vectors, k, n_sample, n_entry, ridge, seed)
     check_int('max_rounds', max_rounds, 0)
     check_int('expand', expand, 0)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p for p in (ROOT / 'benchmarks').glob('*.py') if 'argparse' in p.read_text())
 
@@ -38,3 +40,17 @@ def test_quick_runs_never_write_the_committed_results():
         text = path.read_text()
         if "'--out'" in text and '--quick' in text:
             assert '.cache/' in text, path.name
+
+
+def test_million_refuses_qnet_settings_it_would_ignore(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
+    import million
+    ok = million.parse_args(['--qnet-settings', '{"untrained6": {"pool": 2048, "refreshes": 4}}'])
+    assert ok.qnet_settings == {'untrained6': {'pool': 2048, 'refreshes': 4}}
+    for bad, says in (('{"untrained_6": {"pool": 2048}}', 'not among --qnets'),
+                      ('{"untrained6": {"pools": 2048}}', "unknown settings ['pools']"),
+                      ('{"head2": {"pool": 2048}}', 'not among --qnets')):
+        argv = ['--qnet-settings', bad] + (['--qnets', 'untrained6'] if 'head2' in bad else [])
+        with pytest.raises(SystemExit):
+            million.parse_args(argv)
+        assert says in capsys.readouterr().err
