@@ -228,8 +228,7 @@ def exhaustive(ctx, rec) -> None:
 
 def adaptive(ctx, rec) -> None:
     """Adaptive (pooled) search with the q-nets on the device, against exhaustive search on the same device."""
-    from pyterrier_hypencoder.pooled import pooled_search
-    from pyterrier_hypencoder.surrogate import InnerProductIndex
+    from pyterrier_hypencoder.search import InnerProductIndex, pooled_search
     s, device, sh = ctx.sizes, ctx.device, ctx.shared
     x, qnets, exact_scores, exact_ids = sh['x'], sh['qnets'], sh['scores'], sh['ids']
     ip, build = timed(device, InnerProductIndex, x, hnsw_m=s.hnsw_m, ef_construction=40)
@@ -272,7 +271,7 @@ def indexing(ctx, rec) -> None:
     import faiss
 
     from pyterrier_hypencoder import Hypencoder, HypencoderIndexer
-    from pyterrier_hypencoder.graph import build_knn_graph
+    from pyterrier_hypencoder.index.graph import build_knn_graph
     s, device = ctx.sizes, ctx.device
     docs = debian_rows(s.index_docs)
     model = Hypencoder.from_backbone(minilm_path(), qnet_layers=2, doc_max_length=s.doc_max_length, device=device,

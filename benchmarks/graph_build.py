@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyterrier_hypencoder.graph import EXACT_MAX_DOCS, build_knn_graph, exact_neighbours, neighbour_recall
+from pyterrier_hypencoder.index.graph import EXACT_MAX_DOCS, build_knn_graph, exact_neighbours, neighbour_recall
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results' / 'graph_build.json'
 

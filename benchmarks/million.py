@@ -16,8 +16,8 @@ candidate pools from (``InnerProductIndex``'s cosine HNSW, M=32).
 
 Per size and q-net, interleaved within the run: exhaustive search (ms/query at batch 32 and 1, on the first
 ``--timed-queries`` / ``--latency-queries`` queries; its top-100 for all queries is the ground truth, cached);
-adaptive search (:func:`~pyterrier_hypencoder.pooled.pooled_search` with the stored HNSW index; the exact
-per-round reference of :func:`~pyterrier_hypencoder.walk.adaptive_search` below ``--exact-below`` documents) at
+adaptive search (:func:`~pyterrier_hypencoder.search.pooled.pooled_search` with the stored HNSW index; the exact
+per-round reference of :func:`~pyterrier_hypencoder.search.adaptive.adaptive_search` below ``--exact-below`` documents) at
 batch 32 and batch 1 (p50 / p95 per query); documents scored, inner products, recall@10 / @100 against exhaustive,
 RR@10 of both; the FAISS BE-Base search. Growth exponents are fitted between 100k documents and the largest size.
 
@@ -205,7 +205,7 @@ def faiss_bebase(x: np.ndarray, n: int, cache: Path, m: int):
 
 def ip_index_for(index, x: np.ndarray, n: int, cache: Path, m: int):
     """The stored HNSW inner-product index at full size; a cached one per subsample."""
-    from pyterrier_hypencoder.surrogate import InnerProductIndex
+    from pyterrier_hypencoder.search import InnerProductIndex
     if n == len(index) and index.has_ip_index():
         return index.ip_index(), None
     path = cache / f'ip-hnsw{m}-{n}.faiss'
@@ -229,8 +229,7 @@ def machine() -> dict:
 
 def adaptive(qnets, x, ip, args, name=None):
     """Adaptive search with the run's settings, and ``--qnet-settings``' overrides for q-net ``name``."""
-    from pyterrier_hypencoder.pooled import pooled_search
-    from pyterrier_hypencoder.walk import adaptive_search
+    from pyterrier_hypencoder.search import adaptive_search, pooled_search
     kw = {key: getattr(args, key) for key in ADAPTIVE_SETTINGS}
     kw.update(args.qnet_settings.get(name, {}))
     if len(x) < args.exact_below:

@@ -2,7 +2,7 @@
 
 The path past one machine: :func:`~pyterrier_hypencoder.split_index` cuts the index of ``benchmarks/million.py``
 (software-packages, 906,627 documents) into shards by row range, each with its own HNSW inner-product index; every
-shard runs its own adaptive rounds (:class:`~pyterrier_hypencoder.shard_search.ShardSearcher`) and the driver merges
+shard runs its own adaptive rounds (:class:`~pyterrier_hypencoder.distributed.shards.ShardSearcher`) and the driver merges
 the shards' top-k lists in the total order (score descending, row ascending among ties). Measured per q-net, on the
 same queries and with the same settings as ``million.py``: recall@10 / @100 against exhaustive search (the ground
 truth ``million.py`` cached) of the single index, of the shards in this process (``LocalShards``) and of the shards on
@@ -71,8 +71,7 @@ def in_total_order(scores: np.ndarray, ids: np.ndarray) -> bool:
 
 def shards_of(index, path: Path, n_shards: int):
     """The index split into ``n_shards`` row ranges, each with its own HNSW index (cached under ``path``)."""
-    from pyterrier_hypencoder import split_index
-    from pyterrier_hypencoder.artifacts import ShardedHypencoderIndex
+    from pyterrier_hypencoder import ShardedHypencoderIndex, split_index
     if (path / 'pt_meta.json').exists():
         sharded = ShardedHypencoderIndex(path)
         if len(sharded) == len(index) and sharded.n_shards == n_shards:
@@ -94,9 +93,9 @@ def main(argv=None) -> dict:
     import ray
 
     from pyterrier_hypencoder import HypencoderIndex
-    from pyterrier_hypencoder.pooled import pooled_search
-    from pyterrier_hypencoder.ray_backend import RayShards
-    from pyterrier_hypencoder.shard_search import LocalShards
+    from pyterrier_hypencoder.distributed.ray_backend import RayShards
+    from pyterrier_hypencoder.distributed.shards import LocalShards
+    from pyterrier_hypencoder.search import pooled_search
     if args.quick:
         quick_setup(argparse.Namespace(index=args.index, heads=args.heads, quick_docs=args.quick_docs))
     index = HypencoderIndex(args.index)

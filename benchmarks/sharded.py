@@ -102,8 +102,7 @@ def test_queries(n: int) -> list:
 
 
 def shards_of(index, n_shards: int):
-    from pyterrier_hypencoder import split_index
-    from pyterrier_hypencoder.artifacts import ShardedHypencoderIndex
+    from pyterrier_hypencoder import ShardedHypencoderIndex, split_index
     from pyterrier_hypencoder.search import score_block
     path = CACHE / 'sharded' / f'{index.path.name}-{n_shards}'
     if (path / 'pt_meta.json').exists():
@@ -120,9 +119,9 @@ def main():
     require('ray', purpose='benchmarks/sharded.py')
     import ray
 
-    from pyterrier_hypencoder.ray_backend import RayShards
+    from pyterrier_hypencoder.distributed.ray_backend import RayShards
+    from pyterrier_hypencoder.distributed.shards import LocalShards
     from pyterrier_hypencoder.search import exhaustive_search
-    from pyterrier_hypencoder.shard_search import LocalShards
 
     load_before, uptime_before = os.getloadavg(), subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
     model = load_model()

@@ -80,7 +80,7 @@ def load_model(spec: str):
 
 
 def graph_for(x: np.ndarray, key: str, cache: Path) -> np.ndarray:
-    from pyterrier_hypencoder.graph import exact_neighbours
+    from pyterrier_hypencoder.index.graph import exact_neighbours
     path = cache / f'graph-{key}.npy'
     if path.exists():
         return np.load(path)
@@ -90,8 +90,7 @@ def graph_for(x: np.ndarray, key: str, cache: Path) -> np.ndarray:
 
 
 def run(method: str, setting: dict, qnets, x, edges, ip, batch: int):
-    from pyterrier_hypencoder.search import exhaustive_search, graph_search
-    from pyterrier_hypencoder.walk import adaptive_search, surrogate_search
+    from pyterrier_hypencoder.search import adaptive_search, exhaustive_search, graph_search, surrogate_search
     parts, seconds = [], 0.0
     for s in range(0, len(qnets), batch):
         q = qnets[s:s + batch]
@@ -185,7 +184,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     sweeps = json.loads(args.sweep) if args.sweep else SWEEPS
-    from pyterrier_hypencoder.walk import InnerProductIndex
+    from pyterrier_hypencoder.search import InnerProductIndex
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     full = load_vectors(args)

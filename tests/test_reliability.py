@@ -63,11 +63,9 @@ import pytest
 import torch
 from test_index import WORDS, make_docs
 
-from pyterrier_hypencoder import Hypencoder, HypencoderIndex, HypencoderIndexer
-from pyterrier_hypencoder.checkpoint import CheckpointError
+from pyterrier_hypencoder import Hypencoder, HypencoderIndex, HypencoderIndexer, HypencoderReranker, HypencoderRetriever
 from pyterrier_hypencoder.index import HypencoderIndexError
-from pyterrier_hypencoder.reranker import HypencoderReranker
-from pyterrier_hypencoder.retriever import HypencoderRetriever
+from pyterrier_hypencoder.model.checkpoint import CheckpointError
 
 N_DOCS = 300
 GRAPH = dict(mode='graph', n_initial=30, n_candidates=8)
@@ -530,8 +528,8 @@ def test_same_rankings_in_another_process(tiny_bert, tiny_model, index, topics):
         import json, sys
         import pandas as pd
         from pyterrier_hypencoder import Hypencoder, HypencoderIndex
-        from pyterrier_hypencoder.reranker import HypencoderReranker
-        from pyterrier_hypencoder.retriever import HypencoderRetriever
+        from pyterrier_hypencoder import HypencoderReranker
+        from pyterrier_hypencoder import HypencoderRetriever
         model = Hypencoder.from_backbone({str(tiny_bert)!r}, qnet_layers=3, seed=0, device='cpu')
         index = HypencoderIndex({str(index.path)!r})
         topics = pd.DataFrame(json.loads(sys.stdin.read()))

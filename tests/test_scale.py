@@ -7,9 +7,7 @@ from test_index import make_docs
 from test_search import clustered, random_qnets
 
 from pyterrier_hypencoder import HypencoderIndex, HypencoderIndexer
-from pyterrier_hypencoder.pooled import pooled_search
-from pyterrier_hypencoder.surrogate import InnerProductIndex
-from pyterrier_hypencoder.walk import adaptive_search
+from pyterrier_hypencoder.search import InnerProductIndex, adaptive_search, pooled_search
 
 
 class Interrupt(Exception):
@@ -208,7 +206,7 @@ def test_retriever_draws_from_the_stored_ip_index(tiny_model, tmp_path):
     exact = HypencoderRetriever(tiny_model, index, num_results=10).transform(topics)
     pooled = HypencoderRetriever(tiny_model, index, num_results=10, mode='adaptive', n_sample=32, pool=400,
                                  n_entry=400, scored_column='scored')
-    assert 'pool=400' in repr(pooled) and pooled._pooled
+    assert 'pool=400' in repr(pooled) and pooled.corpus().has_ann
     got = pooled.transform(topics)
     # A pool as large as the corpus, scored in one round: the exact top 10.
     pd.testing.assert_frame_equal(got[['qid', 'docno', 'rank']], exact[['qid', 'docno', 'rank']])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import assert_fp32_topk, qnet_fp32_bound
 
-from pyterrier_hypencoder.qnet import QNets, QNetSpec
+from pyterrier_hypencoder.model.qnet import QNets, QNetSpec
 from pyterrier_hypencoder.search import exhaustive_search, graph_search, place_vectors
 
 

@@ -24,8 +24,8 @@ from pyterrier_hypencoder import (
     split_index,
 )
 from pyterrier_hypencoder.index import HypencoderIndexError
+from pyterrier_hypencoder.index.sharded import shard_sizes
 from pyterrier_hypencoder.search import exhaustive_search, merge_topk
-from pyterrier_hypencoder.sharded import shard_sizes
 
 WORDS = ('retrieval neural network query document vector graph search index model training score rank '
          'hyper head layer attention token embedding dense sparse corpus').split()
@@ -277,8 +277,10 @@ def test_sharded_indexer_local_equals_split(tiny_model, plain, tmp_path):
 def test_package_imports_without_ray():
     import subprocess
     import sys
-    code = ('import sys; import pyterrier_hypencoder; from pyterrier_hypencoder import artifacts, common, reranker, '
-            'retriever, sharded, sharded_indexer; assert "ray" not in sys.modules, "ray was imported"')
+    code = ('import sys; import pyterrier_hypencoder; from pyterrier_hypencoder import distributed, index, pt, search; '
+            'from pyterrier_hypencoder.distributed import backends, shards; '
+            'from pyterrier_hypencoder.pt import artifacts, reranker, retriever, sharded_indexer; '
+            'assert "ray" not in sys.modules, "ray was imported"')
     subprocess.run([sys.executable, '-c', code], check=True)
 
 

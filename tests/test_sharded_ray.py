@@ -20,8 +20,8 @@ from pyterrier_hypencoder import (  # noqa: E402  # noqa: E402
     ShardedHypencoderIndexer,
     split_index,
 )
+from pyterrier_hypencoder.distributed.ray_backend import CRASH_ENV, ShardSearchError  # noqa: E402
 from pyterrier_hypencoder.index import HypencoderIndexError  # noqa: E402
-from pyterrier_hypencoder.ray_backend import CRASH_ENV, ShardSearchError  # noqa: E402
 
 OPTIONS = {'num_cpus': 0.5, 'start_timeout': 120}
 
@@ -113,7 +113,7 @@ def test_graph_mode_and_reranker_on_ray(tiny_model, indexes, on_ray, monkeypatch
     res = HypencoderRetriever(tiny_model, indexes[0], num_results=20)(topics(3)).sample(frac=1.0, random_state=0)
     ref = HypencoderReranker(tiny_model, indexes[0])(res)
     # The reranker scores on the actors that hold the documents: no vector comes to the driver.
-    from pyterrier_hypencoder.ray_backend import RayShards
+    from pyterrier_hypencoder.distributed.ray_backend import RayShards
 
     def no_vectors(self, rows):
         raise AssertionError('the Ray reranker fetched document vectors to the driver')

@@ -10,9 +10,7 @@ import torch
 from conftest import qnet_fp32_bound
 from ir_measures import R, nDCG
 
-from pyterrier_hypencoder import HypencoderIndexer
-from pyterrier_hypencoder.reranker import HypencoderReranker
-from pyterrier_hypencoder.retriever import HypencoderRetriever
+from pyterrier_hypencoder import HypencoderIndexer, HypencoderReranker, HypencoderRetriever
 
 N_QUERIES = 6
 

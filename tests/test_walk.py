@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_search import clustered, knn_graph, random_qnets, recall
 
-from pyterrier_hypencoder.walk import InnerProductIndex, adaptive_search, fit_surrogates, surrogate_search
+from pyterrier_hypencoder.search import InnerProductIndex, adaptive_search, fit_surrogates, surrogate_search
 
 
 def brute_force(qnets, vectors, k):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from test_transformers import N_QUERIES, brute, index, plain_index, vaswani  # noqa: F401 -- fixtures
 
-from pyterrier_hypencoder.retriever import HypencoderRetriever
+from pyterrier_hypencoder import HypencoderRetriever
 
 
 def test_adaptive_mode(tiny_model, index, vaswani, brute):  # noqa: F811

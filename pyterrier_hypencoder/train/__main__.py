@@ -11,8 +11,8 @@ from typing import List, Optional
 import ir_measures
 import pyterrier as pt
 
-from ..checkpoint import CheckpointError, read_json, resolve_folder
-from ..model import Hypencoder
+from ..model.checkpoint import CheckpointError, read_json, resolve_folder
+from ..model.hypencoder import Hypencoder
 from . import data as D
 from .biencoder import FORMAT_NAME as DOT_FORMAT
 from .biencoder import DotEncoder

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, load_backbone, load_state_dict, read_json, resolve_folder
+from ..model.checkpoint import CheckpointError, load_backbone, load_state_dict, read_json, resolve_folder
+from ..model.text_encoder import TextEncoder, backbone_from_config, batch_progress, pool
 from ..optional import require
-from ..text_encoder import TextEncoder, backbone_from_config, batch_progress, pool
 
 __all__ = ['DotEncoder']
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from ..model import Hypencoder
+from ..model.hypencoder import Hypencoder
 from .biencoder import DotEncoder
 from .features import check_trainable
 
@@ -92,7 +92,7 @@ class ModelScorer(pt.Transformer):
     @classmethod
     def from_pretrained(cls, folder: Union[str, os.PathLike], device=None, **kwargs) -> ModelScorer:
         """A scorer over a model saved by this package (Hypencoder or DotEncoder, told apart by its config)."""
-        from ..checkpoint import read_json, resolve_folder
+        from ..model.checkpoint import read_json, resolve_folder
         from .biencoder import FORMAT_NAME as DOT_FORMAT
         path = resolve_folder(folder)
         if DOT_FORMAT in read_json(path / 'config.json'):

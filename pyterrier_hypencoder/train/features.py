@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..text_encoder import TextEncoder, batch_progress, pool
+from ..model.text_encoder import TextEncoder, batch_progress, pool
 
 __all__ = ['FeatureStore', 'frozen_pooled_docs', 'frozen_query_states']
 

@@ -24,8 +24,8 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from ..checkpoint import load_state_dict
-from ..model import Hypencoder
+from ..model.checkpoint import load_state_dict
+from ..model.hypencoder import Hypencoder
 from .biencoder import DotEncoder
 from .config import TrainConfig, default_temperature, lr_factor
 from .data import DevSet, QuerySampler, TrainingGroups

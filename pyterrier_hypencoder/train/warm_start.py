@@ -12,8 +12,8 @@ from typing import Union
 
 import torch
 
-from ..model import Hypencoder
-from ..qnet import QNetSpec
+from ..model.hypencoder import Hypencoder
+from ..model.qnet import QNetSpec
 from .biencoder import DotEncoder
 from .config import default_temperature
 
