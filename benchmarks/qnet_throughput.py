@@ -16,57 +16,25 @@ median ratio and its range; ``best/best`` divides the best q-net time by the bes
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout's package, whichever is installed
-from pyterrier_hypencoder import QNets, QNetSpec  # noqa: E402
+from common import default_out, machine, qnet_flops, random_qnets, rel, sync, timed
 
 QNETS = (('768-d, 6 layers', [768] * 6 + [1]), ('384-d, 6 layers', [384] * 6 + [1]))
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn) -> float:
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
-def random_qnets(n_queries: int, dims, dtype, device, seed: int = 0) -> QNets:
-    gen = torch.Generator().manual_seed(seed)
-    spec = QNetSpec(vector_dimensions=tuple(dims))
-    weights = [torch.randn(n_queries, i, o, generator=gen) / i ** 0.5 for i, o in spec.weight_shapes]
-    biases = [torch.randn(n_queries, d, generator=gen) * 0.1 for d in spec.bias_dims]
-    return QNets(weights, biases, spec).to(device=device, dtype=dtype)
-
-
-def qnet_flops(dims, n_queries: int, n_docs: int) -> float:
-    per_pair = sum(2 * i * o for i, o in zip(dims[:-1], dims[1:]))
-    return per_pair * n_queries * n_docs
-
-
-def profile(qnets: QNets, docs: torch.Tensor) -> str:
+def profile(qnets, docs: torch.Tensor) -> str:
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if docs.is_cuda else [])
     with profile(activities=activities) as prof:
         qnets.score(docs)
-        sync()
-    key = 'self_cuda_time_total' if torch.cuda.is_available() else 'self_cpu_time_total'
+        sync(docs.device)
+    key = 'self_cuda_time_total' if docs.is_cuda else 'self_cpu_time_total'
     return prof.key_averages().table(sort_by=key, row_limit=10)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='smaller sizes, fewer trials')
     parser.add_argument('--queries', type=int, default=None)
@@ -77,10 +45,13 @@ def main():
     parser.add_argument('--out', default=None, help='results JSON (default benchmarks/results/qnet_throughput.json; '
                         'with --quick .cache/benchmarks/qnet_throughput-quick.json: a quick run never overwrites the '
                         'committed figures)')
-    args = parser.parse_args()
-    here = Path(__file__).resolve().parent.parent
-    default = '.cache/benchmarks/qnet_throughput-quick.json' if args.quick else 'benchmarks/results/qnet_throughput.json'
-    args.out = Path(args.out or here / default)
+    args = parser.parse_args(argv)
+    args.out = default_out(args.out, args.quick, 'qnet_throughput.json', 'benchmarks/qnet_throughput-quick.json')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     cuda = torch.cuda.is_available()
     device = torch.device('cuda' if cuda else 'cpu')
@@ -107,9 +78,9 @@ def main():
             qnets.score(docs)  # warm-up
             ratios, qnet_times, gemm_times = [], [], []
             for _ in range(trials):
-                before = timed(gemm)
-                seconds = timed(lambda q=qnets, d=docs: q.score(d))
-                after = timed(gemm)
+                before = timed(gemm, device=device)[1]
+                seconds = timed(qnets.score, docs, device=device)[1]
+                after = timed(gemm, device=device)[1]
                 gemm_best = min(before, after)
                 qnet_times.append(seconds)
                 gemm_times += [before, after]
@@ -129,7 +100,8 @@ def main():
                 print(profile(qnets, docs))
     load_after = os.getloadavg()
 
-    proc = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
+    info = machine(device)
+    proc = info['name']
     print(f'device: {device} ({proc}), dtype: {str(dtype).replace("torch.", "")}, threads: {torch.get_num_threads()}, '
           f'cpus: {os.cpu_count()}, load average {load_before[0]:.1f} -> {load_after[0]:.1f}, '
           f'peak GEMM {size}x{size}, {trials} trials')
@@ -140,13 +112,11 @@ def main():
         print(f'{r["qnet"]:<17}{r["n_queries"]:>8}{r["n_docs"]:>7}{r["seconds_best"]:>8.2f}'
               f'{r["docs_per_s_per_query"]:>14,.0f}{r["gflops"]:>9.1f}{r["peak_gflops"]:>7.1f}{spread:>24}'
               f'{r["ratio_best_over_best"]:>10.2f}')
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({'device': str(device), 'device_name': proc, 'dtype': str(dtype),
-                               'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
-                               'torch': torch.__version__, 'loadavg_before': load_before, 'loadavg_after': load_after,
-                               'peak_gemm_size': size, 'rows': rows}, indent=1))
-    print(f'wrote {out}')
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({'device': str(device), 'device_name': proc, 'dtype': str(dtype), 'machine': info,
+                                    'loadavg_before': load_before, 'loadavg_after': load_after,
+                                    'peak_gemm_size': size, 'rows': rows}, indent=1))
+    print(f'wrote {rel(args.out)}')
 
 
 if __name__ == '__main__':

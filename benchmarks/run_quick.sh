@@ -4,7 +4,7 @@
 # benchmarks/results/). Prints each one's wall time; stops at the first failure.
 #
 #     bash benchmarks/run_quick.sh            # all of them
-#     bash benchmarks/run_quick.sh walk search   # only these
+#     bash benchmarks/run_quick.sh walk million   # only these
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -14,16 +14,14 @@ declare -A RUNS=(
   [encoding]="benchmarks/encoding.py --quick"
   [qnet_throughput]="benchmarks/qnet_throughput.py --quick"
   [graph_build]="benchmarks/graph_build.py --quick"
-  [search]="benchmarks/search.py --quick"
-  [sharded]="benchmarks/sharded.py --quick"
   [walk]="benchmarks/walk.py --quick"
   [walk_report]="benchmarks/walk_report.py .cache/walk-quick/walk.json --plot .cache/walk-quick/walk.png"
+  [ip_index_crossover]="benchmarks/ip_index_crossover.py --quick"
   [million]="benchmarks/million.py --quick"
-  [million_report]="benchmarks/million_report.py .cache/million-quick/million.json --sharded .cache/million-quick/million_sharded.json"
   [million_sharded]="benchmarks/million_sharded.py --quick"
-  [million_heads]="benchmarks/million_heads.py --quick --index .cache/million-quick/minilm-mean256.hyp"
+  [million_heads]="benchmarks/million_heads.py --quick"
 )
-ORDER=(gpu_check encoding qnet_throughput graph_build search sharded walk walk_report million million_sharded million_report million_heads)
+ORDER=(gpu_check encoding qnet_throughput graph_build walk walk_report ip_index_crossover million million_sharded million_heads)
 [ $# -gt 0 ] && ORDER=("$@")
 summary=()
 for name in "${ORDER[@]}"; do

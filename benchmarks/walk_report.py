@@ -35,6 +35,11 @@ def fit_power(points):
     return math.exp(my - b * mx), b
 
 
+def _num(value, spec: str) -> str:
+    """A figure, or '-' where the run did not report it (inner products and rounds of the search dispatch)."""
+    return '-' if value is None else format(value, spec)
+
+
 def _setting(s):
     return ' '.join(f'{k}={v}' for k, v in s.items()) or '-'
 
@@ -74,7 +79,7 @@ def report(data):
                     lines.append(
                         f'| {target} | {method} | {r["docs"]:,.0f} ({r["docs_p95"]:,.0f}) | {ex["docs"] / r["docs"]:.1f}x '
                         f'| {vs_base} | {vs_alg1} | {r["recall@10"]:.3f} | {r["recall@100"]:.3f} | {r["ndcg@10"]:.3f} '
-                        f'| {r["inner"]:,.0f} | {r["iters"]:.1f} | {r["ms"]:.1f} | '
+                        f'| {_num(r.get("inner"), ",.0f")} | {_num(r.get("iters"), ".1f")} | {r["ms"]:.1f} | '
                         f'{"-" if single is None else f"{single:.1f}"} | {t32:.2f}; {t1} | {_setting(r["setting"])} |')
         lines.append(f'\n**Growth of documents scored with corpus size, {model}** (fit over the sizes where the method '
                      'reached the target; the 45,741, 1M and 8.8M columns are EXTRAPOLATIONS, not measurements)\n')
@@ -149,12 +154,16 @@ def plot(data, path):
     fig.savefig(path, dpi=110)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('results', nargs='+')
+    parser.add_argument('results', nargs='+', help='walk.py results (JSON); runs of the same q-net are merged')
     parser.add_argument('--plot', default=None, help='write the PNG here')
     parser.add_argument('--summary', action='store_true', help='print only the one-table summary')
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     merged = None
     for path in args.results:
         data = json.load(open(path))

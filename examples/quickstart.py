@@ -82,7 +82,7 @@ def main():
     topics, dev_topics = split_topics(dataset_topics(train), 0.2)
     data = build_training_data(topics, train.get_qrels(), bm25, corpus, num_candidates=100)
     dev = DevSet(dev_topics, train.get_qrels(), corpus)
-    # The recipe of examples/train_beir.py; each head gets its own default learning rate (TrainConfig.lr).
+    # The recipe of experiments/train_beir.py; each head gets its own default learning rate (TrainConfig.lr).
     config = TrainConfig(steps=args.steps, warmup_steps=50, eval_every=100, head_only=True)
 
     be_base = DotEncoder.from_backbone(minilm, pooling='mean', normalize=True, doc_max_length=256, device=args.device)

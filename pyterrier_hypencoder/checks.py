@@ -24,10 +24,15 @@ def check_queries(inp: pd.DataFrame) -> list:
     queries = inp['query'].tolist()
     bad = [(qid, q) for qid, q in zip(inp['qid'], queries) if not isinstance(q, str)]
     if bad:
-        raise TypeError(f'{len(bad)} queries are not strings, e.g. qid {bad[0][0]!r}: {bad[0][1]!r}; fill or drop them '
-                        'before retrieval')
+        raise TypeError(f'{_count(len(bad), "query is not a string", "queries are not strings")}, e.g. qid '
+                        f'{bad[0][0]!r}: {bad[0][1]!r}; fill or drop them before retrieval')
     empty = [qid for qid, q in zip(inp['qid'], queries) if not q.strip()]
     if empty:
-        raise ValueError(f'{len(empty)} queries are empty or whitespace only (qids {empty[:5]}); drop them (e.g. '
-                         'topics[topics["query"].str.strip() != ""]) or fill them before retrieval')
+        raise ValueError(f'{_count(len(empty), "query is", "queries are")} empty or whitespace only (qids {empty[:5]}); '
+                         'drop them (e.g. topics[topics["query"].str.strip() != ""]) or fill them before retrieval')
     return queries
+
+
+def _count(n: int, one: str, many: str) -> str:
+    """``'1 query is'`` / ``'3 queries are'``: a count with the words that agree with it (``one`` or ``many``)."""
+    return f'{n} {one if n == 1 else many}'

@@ -8,7 +8,7 @@ Actors are created with ``max_restarts`` and ``max_task_retries``: an actor that
 restarted and its part of the batch retried, giving the same results. When the retries run out the error names
 the shard; no batch is ever answered from the shards that did respond.
 
-Building shards on Ray is :mod:`~pyterrier_hypencoder.ray_indexing`.
+Building shards on Ray is :mod:`~pyterrier_hypencoder.distributed.ray_indexing`.
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ import torch
 from ..index.files import HypencoderIndexFiles
 from ..index.sharded import ShardedIndexFiles
 from ..search.modes import SearchResult
-from ..search.rows import merge_topk
-from .shards import ShardSearcher
+from .shards import ShardSearcher, merge_shards
 
 __all__ = ['RayShards', 'ShardActor', 'ShardSearchError', 'init_ray']
 
@@ -74,8 +73,8 @@ class ShardActor:
     def search(self, qnets, k: int, mode):
         _maybe_crash(self.shard_no)
         with torch.inference_mode():
-            scores, ids, scored = self.searcher.search(qnets.to(self.device, self.dtype), k, mode)
-        return scores.numpy(), ids.numpy(), scored.numpy()
+            result = self.searcher.search(qnets.to(self.device, self.dtype), k, mode)
+        return tuple(None if part is None else part.numpy() for part in result)
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self.shard.vectors()[rows])
@@ -149,9 +148,8 @@ class RayShards:
         ref = ray.put(qnets.to('cpu'))  # once per batch, shared by every actor
         parts = self._get([a.search.remote(ref, k, mode) for a in self.actors], 'search')
         # copies: arrays from the object store are read-only, and they are only k wide
-        scores, ids = merge_topk([torch.from_numpy(np.array(p[0])) for p in parts],
-                                 [torch.from_numpy(np.array(p[1])) for p in parts], k)
-        return SearchResult(scores, ids, torch.from_numpy(sum(np.asarray(p[2], dtype=np.int64) for p in parts)))
+        return merge_shards([SearchResult(*(None if part is None else torch.from_numpy(np.array(part)) for part in p))
+                             for p in parts], k)
 
     def score_rows(self, qnets, pair_query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Scores of (query, global row) pairs, computed on the actors that hold the rows: the q-nets travel to the

@@ -1,7 +1,7 @@
 """Searching a sharded index: each shard searched on its own, returning global rows, and the in-process backend.
 
 :class:`ShardSearcher` is what every backend runs per shard (:class:`LocalShards` here, one after another; Ray actors
-in :mod:`~pyterrier_hypencoder.ray_backend`); the driver merges the shards' top-k lists in the total order (score
+in :mod:`~pyterrier_hypencoder.distributed.ray_backend`); the driver merges the shards' top-k lists in the total order (score
 descending, global row ascending among ties) with :func:`~pyterrier_hypencoder.search.merge_topk`.
 """
 from __future__ import annotations
@@ -16,7 +16,15 @@ from ..index.sharded import ShardedIndexFiles
 from ..search.modes import Corpus, SearchMode, SearchResult
 from ..search.rows import merge_topk, place_vectors
 
-__all__ = ['LocalShards', 'ShardSearcher']
+__all__ = ['LocalShards', 'ShardSearcher', 'merge_shards']
+
+
+def merge_shards(parts: Sequence[SearchResult], k: int) -> SearchResult:
+    """The top ``k`` of the shards' results (global rows) in the total order; evaluations summed over the shards."""
+    scores, ids = merge_topk([p.scores for p in parts], [p.ids for p in parts], k)
+    costs = {field: None if getattr(parts[0], field) is None else sum(getattr(p, field) for p in parts)
+             for field in ('n_narrow', 'n_inner', 'n_iter')}
+    return SearchResult(scores, ids, sum(p.n_scored for p in parts), **costs)
 
 
 class ShardSearcher:
@@ -27,7 +35,7 @@ class ShardSearcher:
     at least 1). Adaptive and surrogate modes run their rounds in the shard with the full parameters: the
     shard's top-k is then found as well as one index's would be, and the merge of the shards' exact top-k lists is
     the exact top-k. Adaptive search draws its pools from the shard's own inner-product ANN index when it has one
-    (:func:`~pyterrier_hypencoder.pooled.pooled_search`), else it runs the exact rounds over the shard. Each shard
+    (:func:`~pyterrier_hypencoder.search.pooled.pooled_search`), else it runs the exact rounds over the shard. Each shard
     samples with the seed ``seed + shard_no``.
     """
 
@@ -49,8 +57,7 @@ class ShardSearcher:
                 ``mode.for_shard(...)`` (its share of a graph walk's sample, its own seed).
         """
         result = mode.for_shard(self.shard_no, len(self.shard), self.total).search(qnets, self.corpus, k)
-        return SearchResult(result.scores, torch.where(result.ids >= 0, result.ids + self.offset, result.ids),
-                            result.n_scored)
+        return result._replace(ids=torch.where(result.ids >= 0, result.ids + self.offset, result.ids))
 
     def score_rows(self, qnets: Sequence, pair_query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Scores of (query, document) pairs held by this shard, computed where its vectors are (a reranker's
@@ -96,8 +103,7 @@ class LocalShards:
     def search(self, qnets, k: int, mode: SearchMode) -> SearchResult:
         """The merged top-``k`` of every shard (``n_scored`` summed over the shards)."""
         parts = [searcher.search(qnets, k, mode) for searcher in self._placed()]
-        scores, ids = merge_topk([p.scores for p in parts], [p.ids for p in parts], k)
-        return SearchResult(scores, ids, sum(p.n_scored for p in parts))
+        return merge_shards(parts, k)
 
     def score_rows(self, qnets: Sequence, pair_query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Scores of (query, global row) pairs. In this process the rows' vectors are gathered from their shards

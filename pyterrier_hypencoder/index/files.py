@@ -32,7 +32,13 @@ from .layout import (
     write_meta,
 )
 
-__all__ = ['HypencoderIndexFiles', 'HypencoderIndexError', 'build_ip_index', 'file_stamp', 'was_rebuilt', 'write_docnos']
+__all__ = ['AUTO_IP_INDEX_DOCS', 'HypencoderIndexFiles', 'HypencoderIndexError', 'build_ip_index', 'file_stamp',
+           'was_rebuilt', 'write_docnos']
+
+# From this many documents on, adaptive search is faster with an inner-product ANN index than ranking the whole
+# corpus by inner product every round: HypencoderIndexer(ip_index='auto') builds one, and adaptive search on a
+# larger index without one warns. Measured by benchmarks/ip_index_crossover.py (docs/ip-index-default.md).
+AUTO_IP_INDEX_DOCS = 50_000
 
 
 
@@ -66,7 +72,7 @@ def write_docnos(path: Union[str, os.PathLike], docnos: Iterable[str]) -> None:
 def build_ip_index(vectors: np.ndarray, folder: Path, m: int, ef_construction: int = 80, metric: str = 'cosine',
                    verbose: bool = False) -> Dict[str, Any]:
     """Builds the HNSW inner-product index of ``vectors`` (degree ``m``, graph ``metric``: see
-    :class:`~pyterrier_hypencoder.surrogate.InnerProductIndex`) into ``folder``, for adaptive search.
+    :class:`~pyterrier_hypencoder.search.ip_index.InnerProductIndex`) into ``folder``, for adaptive search.
 
     Returns:
         The index metadata's ``ip_index`` entry.
@@ -112,7 +118,11 @@ class HypencoderIndexFiles(pta.Artifact):
         if not self.built():
             return f'HypencoderIndex({str(self.path)!r}, not built)'
         graph = f'graph=k{self.graph_k}' if self.has_graph() else 'no graph'
-        return f'HypencoderIndex({str(self.path)!r}, {len(self)} docs, dim={self.dim}, {self.meta["dtype"]}, {graph})'
+        ip = self.meta.get('ip_index')
+        # adaptive search draws from an ANN index when there is one, and ranks the whole corpus per round otherwise
+        ann = f'ip_index={ip.get("kind", "hnsw")}{ip.get("m", "")}' if ip else 'no ip_index'
+        return (f'HypencoderIndex({str(self.path)!r}, {len(self)} docs, dim={self.dim}, {self.meta["dtype"]}, {graph}, '
+                f'{ann})')
 
     def built(self) -> bool:
         """True when the index is complete (its metadata, written last, exists)."""
@@ -274,7 +284,7 @@ class HypencoderIndexFiles(pta.Artifact):
             ef_search: HNSW search beam (a draw of ``pool`` candidates widens it to at least ``pool``).
 
         Returns:
-            An :class:`~pyterrier_hypencoder.surrogate.InnerProductIndex`: the stored HNSW index, or, for an index
+            An :class:`~pyterrier_hypencoder.search.ip_index.InnerProductIndex`: the stored HNSW index, or, for an index
             without one, an exact one over the vectors (one inner product per document per draw).
         """
         from ..search.ip_index import InnerProductIndex
@@ -302,7 +312,7 @@ class HypencoderIndexFiles(pta.Artifact):
             ef_construction: the HNSW build beam.
             overwrite: replace an inner-product index the index already has.
             metric: the graph's geometry (``'cosine'``, or ``'lifted'``: see
-                :class:`~pyterrier_hypencoder.surrogate.InnerProductIndex`).
+                :class:`~pyterrier_hypencoder.search.ip_index.InnerProductIndex`).
             verbose: a progress bar while it is built.
 
         Raises:

@@ -10,16 +10,14 @@ distances. Builders:
   inserting and searching); larger values: higher recall, more time. At fixed settings recall falls as the corpus
   grows. Vectors of 512 or more dimensions are by default searched in their first 256 principal components, and
   each document's candidates re-ranked by exact distance (``hnsw_pca``): distances cost a third, at the same recall.
-  Measured on synthetic clustered 768-d vectors at k = 100 on 2 CPU cores (``benchmarks/graph_build.py``): with
-  M = 16, efConstruction = 64, efSearch = 150 and no projection, recall 0.994 (10k), 0.978 (100k), 0.956 (300k),
-  0.917 (1M); with the defaults (M = 32, efConstruction = 64, efSearch = 250, 256 components), 1M vectors in
-  13 minutes at recall 0.963. Structureless data (e.g. uniform random) needs more: e.g. efConstruction = 128.
+  Structureless data (e.g. uniform random) needs a larger ``ef_construction`` for the same recall.
 - ``'ivf'``: k-means partitions the vectors into ``ivf_lists`` clusters; the documents of each cluster are compared
   exactly (one matrix product per cluster) with the documents of the ``ivf_probe`` clusters whose centroids are
   nearest to their own. Cost grows with n^2 * d * ivf_probe / ivf_lists, all of it in large matrix products, which
-  CPUs run near their peak; recall is set by ``ivf_probe``. On the same synthetic data: 100k vectors in 18 s at
-  recall 0.958 (the exact graph takes minutes), but 1M in 7 minutes at only 0.822 (default lists and probes).
+  CPUs run near their peak; recall is set by ``ivf_probe``, and falls as the corpus grows at fixed settings.
 - ``'auto'``: exact up to ``exact_max_docs`` documents, HNSW above.
+
+Build times and recall of each builder, measured: ``docs/indexing.md``.
 
 Vectors may be a float16 or float32 ``np.memmap``: they are read and converted to float32 one batch at a time, so
 beyond the FAISS index itself (which holds float32 copies of the vectors) memory stays bounded.
@@ -83,10 +81,8 @@ def build_knn_graph(
             The main knob that trades time for recall.
         hnsw_pca: ``'hnsw'``: build and search the HNSW graph on the vectors projected to this many principal
             components (fitted on up to 100,000 vectors), then re-rank the ``refine_factor * (k + 1)`` candidates
-            of each document by exact L2 distance in the full space. Distances in fewer dimensions cost less: at
-            768-d, 256 components build 1M vectors' graph in 13 minutes at recall 0.963 on 2 CPU cores; with the
-            full vectors the same build had run 10 minutes and searched a third of the vectors when it was stopped.
-            Holds an extra float32 copy of the vectors for the re-ranking. ``'auto'``:
+            of each document by exact L2 distance in the full space. Distances in fewer dimensions cost less
+            (``docs/indexing.md``). Holds an extra float32 copy of the vectors for the re-ranking. ``'auto'``:
             256 for vectors of 512 or more dimensions, else None (the full vectors).
         refine_factor: ``hnsw_pca``: candidates re-ranked exactly, as a multiple of ``k + 1``.
         ivf_lists: ``'ivf'``: number of k-means clusters; default about ``sqrt(n)``, at least 1.

@@ -5,8 +5,8 @@ docnos and neighbour graph over its own rows) and ``pt_meta.json``, the manifest
 vector size, and each shard's folder, ``offset`` and ``count``. A document's global row is its shard's offset plus
 its row in the shard, so the pure search functions of :mod:`~pyterrier_hypencoder.search` run unchanged per shard
 and only :func:`~pyterrier_hypencoder.search.merge_topk` joins their results. This module is the storage;
-searching the shards is :mod:`~pyterrier_hypencoder.shard_search` (in this process) and
-:mod:`~pyterrier_hypencoder.ray_backend` (on Ray actors).
+searching the shards is :mod:`~pyterrier_hypencoder.distributed.shards` (in this process) and
+:mod:`~pyterrier_hypencoder.distributed.ray_backend` (on Ray actors).
 
 Scores are bit-identical to the unsharded index's when every shard offset is a multiple of the exhaustive-search
 block (:func:`~pyterrier_hypencoder.search.score_block`: 1,024 documents on CPU, 4,096 on GPU), as every document

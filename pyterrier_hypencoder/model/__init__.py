@@ -5,7 +5,9 @@ else of the package: no index, search, shards, Ray or PyTerrier transformer, so 
 on its own.
 
 - :mod:`.checkpoint`: reading released checkpoints and backbones (safetensors, ``torch.load(weights_only=True)``).
-- :mod:`.qnet`: :class:`QNets`, a batch of generated networks that score document vectors, and :class:`QNetSpec`.
+- :mod:`.qnet`: :class:`QNets`, a batch of generated networks that score document vectors (``truncate`` cuts nested
+  ones to a narrower width).
+- :mod:`.qnet_spec`: :class:`QNetSpec`, their architecture, and the semantics of nested (Matryoshka) widths.
 - :mod:`.hyperhead`: the hyperhead layers that turn query token states into q-net weights.
 - :mod:`.text_encoder`: the BERT backbone and its batching.
 - :mod:`.hypencoder`: :class:`Hypencoder` (``from_pretrained``, ``encode_queries``, ``encode_docs``).

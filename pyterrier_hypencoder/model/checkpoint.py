@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
-__all__ = ['CheckpointError', 'resolve_folder', 'read_json', 'load_state_dict', 'backbone_config', 'load_backbone', 'load_into']
+from .qnet_spec import QNetSpec
+
+__all__ = ['CheckpointError', 'resolve_folder', 'read_json', 'load_state_dict', 'backbone_config', 'load_backbone', 'load_into',
+           'reference_qnet_spec']
 
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 _INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
@@ -209,3 +213,71 @@ def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
             parts.append(f'unexpected {len(unexpected)} tensors, e.g. {unexpected[:3]}')
         raise CheckpointError(f'the checkpoint does not fit the {what} its config describes: ' + ', '.join(parts))
     module.load_state_dict(state, strict=False)
+
+
+# ---- the q-nets of a released-format config -----------------------------------------------------------------
+
+# Loss types of the Hypencoder paper's code (jfkback/hypencoder-paper) and of the Matryoshka Hypencoder's
+# (MajdAlkawaas/hypencoder-paper), the only ones either can load; the latter raises on any other.
+_PLAIN_LOSSES = ('margin_mse', 'cross_entropy')
+MATRYOSHKA_LOSS = 'matryoshka_dim_margin_mse'
+
+
+def reference_qnet_spec(config: dict, where: Path) -> QNetSpec:
+    """The q-net architecture of a released-format config (``query_encoder_kwargs``), as its code scores it.
+
+    Original Hypencoders: ``converter_kwargs`` as read by :meth:`QNetSpec.from_converter_kwargs`. A Matryoshka
+    Hypencoder (``loss_type`` holds ``matryoshka_dim_margin_mse``): the same converter, but with no residual
+    connection in any block, since that code computes the residual sum and discards it (it was trained so), and with
+    the nested widths of its ``loss_kwargs[...]['matryoshka_dims']`` (plus the full width, see ``QNetSpec.widths``).
+
+    Args:
+        config: the parsed ``config.json``.
+        where: its path, for messages.
+
+    Raises:
+        CheckpointError: for converter settings this package does not implement, a loss type neither code knows
+            (it cannot be told whether it changes how the q-nets score), or Matryoshka settings whose scores this
+            package cannot reproduce exactly (residual settings no released Matryoshka checkpoint has, bad widths).
+    """
+    converter = config['query_encoder_kwargs'].get('converter_kwargs', {})
+    try:
+        spec = QNetSpec.from_converter_kwargs(converter)
+    except ValueError as e:
+        raise CheckpointError(f'{where}: {e}') from None
+    losses = config.get('loss_type') or []
+    losses = [losses] if isinstance(losses, str) else list(losses)
+    loss_kwargs = config.get('loss_kwargs') or [{}] * len(losses)
+    unknown = [t for t in losses if t not in _PLAIN_LOSSES + (MATRYOSHKA_LOSS,)]
+    if unknown:
+        raise CheckpointError(f'{where} was trained with loss type {unknown[0]!r}, which neither the Hypencoder code nor '
+                              f'the Matryoshka Hypencoder code knows (they know {list(_PLAIN_LOSSES + (MATRYOSHKA_LOSS,))}). '
+                              'A loss may come with its own q-net semantics, so its scores cannot be reproduced '
+                              'reliably; refusing to guess')
+    if MATRYOSHKA_LOSS not in losses:
+        return spec
+    if len(loss_kwargs) != len(losses):
+        raise CheckpointError(f'{where}: loss_type lists {len(losses)} losses but loss_kwargs {len(loss_kwargs)}')
+    widths = []
+    for loss, kwargs in zip(losses, loss_kwargs):
+        if loss != MATRYOSHKA_LOSS:
+            continue
+        dims = (kwargs or {}).get('matryoshka_dims')
+        if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+            raise CheckpointError(f'{where}: a {MATRYOSHKA_LOSS} loss needs loss_kwargs with matryoshka_dims, a list of '
+                                  f'q-net widths (e.g. [128, 256, 512, 768]); got {dims!r}')
+        widths += dims
+    # The Matryoshka code honours no residual setting (see above); a config asking for a residual on the last block,
+    # or for layer norm after the residual, is not one a released Matryoshka checkpoint has, and code that honours it
+    # would score otherwise: refused rather than guessed.
+    if spec.residual_on_last or not spec.layer_norm_before_residual:
+        raise CheckpointError(f'{where}: a Matryoshka Hypencoder with converter_kwargs {converter} (a residual on the last '
+                              'block, or layer norm after the residual; do_residual_on_last defaults to do_residual) '
+                              'is not one this package can score exactly: the released Matryoshka code runs every '
+                              'q-net block without residuals, do_residual_on_last false. Set do_residual_on_last '
+                              'to false (or do_residual to false) if that is how it was trained')
+    try:
+        return replace(spec, residual=False, residual_on_last=False, widths=tuple(widths))
+    except ValueError as e:
+        raise CheckpointError(f'{where}: Matryoshka widths {widths} do not fit the q-net '
+                              f'{list(spec.vector_dimensions)}: {e}') from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -10,7 +11,16 @@ import torch
 import torch.nn as nn
 
 from ..devices import DTypeLike
-from .checkpoint import CheckpointError, backbone_config, load_backbone, load_into, load_state_dict, read_json, resolve_folder
+from .checkpoint import (
+    CheckpointError,
+    backbone_config,
+    load_backbone,
+    load_into,
+    load_state_dict,
+    read_json,
+    reference_qnet_spec,
+    resolve_folder,
+)
 from .hyperhead import HyperHead
 from .qnet import QNets, QNetSpec
 from .text_encoder import TextEncoder, backbone_from_config, batch_progress, pool
@@ -18,7 +28,9 @@ from .text_encoder import TextEncoder, backbone_from_config, batch_progress, poo
 __all__ = ['Hypencoder', 'load_model']
 
 FORMAT_NAME = 'pyterrier-hypencoder'
-FORMAT_VERSION = 1
+# Version 2: q-nets with nested (Matryoshka) widths ("widths" in the q-net spec). Models without them are still saved
+# as version 1, which older releases of this package read; those refuse a version 2 folder with "upgrade".
+FORMAT_VERSION = 2
 _WEIGHTS = 'model.safetensors'
 _POOLINGS = ('cls', 'mean')
 
@@ -64,6 +76,9 @@ class Hypencoder(TextEncoder):
         # The cross-entropy temperature that suits this model's score scale, when it is not the trainer's default of
         # 1 (a warm start from a doc_norm BE-Base scores dim times a correlation); saved and loaded with the model.
         self.train_temperature: Optional[float] = None
+        # False while the hyperhead is a random initialisation (from_backbone) that no training or warm start has
+        # set: its q-nets rank at about chance, and the retriever and reranker say so. Saved with the model.
+        self.head_trained = True
         hidden = backbone.config.hidden_size
         doc_hidden = (doc_backbone or backbone).config.hidden_size
         if spec.vector_dimensions[0] != doc_hidden:
@@ -76,8 +91,12 @@ class Hypencoder(TextEncoder):
     @classmethod
     def from_backbone(cls, encoder_name_or_path: str, qnet_layers: int = 6, *, qnet_width: Optional[int] = None,
                       pooling: Optional[str] = None, query_max_length: int = 64, doc_max_length: int = 512,
+                      qnet_residual: Optional[bool] = None, matryoshka_widths: Sequence[int] = (),
                       seed: int = 0, device=None, dtype: DTypeLike = None) -> Hypencoder:
         """A new Hypencoder on a pretrained encoder, with a freshly initialised hyperhead (for training).
+
+        Until it is trained its q-nets rank at about chance (``head_trained`` is False, and retrieval or re-ranking
+        with it warns once); ``warm_start_hypencoder`` starts them at the backbone's own similarity instead.
 
         Args:
             encoder_name_or_path: a Hugging Face encoder folder or hub name (e.g. bert-base-uncased, MiniLM).
@@ -85,6 +104,16 @@ class Hypencoder(TextEncoder):
                 five hidden blocks).
             qnet_width: hidden width of the q-net; must equal the encoder's hidden size when residuals are used
                 (the default, and the paper's architecture).
+            qnet_residual: residual connections in the q-net's hidden blocks (all but the last). None (default):
+                yes, as in the paper, unless ``matryoshka_widths`` are given: then no, as in the released
+                Matryoshka Hypencoder, which was trained and is scored without them. A model trained here is then
+                the same architecture as that checkpoint (comparable, and further trainable from it), and each
+                narrow q-net is the same kind of function as the full one; with residuals, the first block of a
+                narrow q-net adds the document vector's first ``w`` coordinates (see
+                :mod:`~pyterrier_hypencoder.model.qnet_spec`), which a backbone's pooled vector does not order by
+                importance.
+            matryoshka_widths: nested q-net widths to train (e.g. ``(48, 96, 192, 384)``); see
+                :meth:`set_matryoshka_widths`. Empty (default): an original Hypencoder.
             pooling: document pooling, ``cls`` or ``mean``; None (the default) follows a sentence-transformers
                 model's pooling config (``1_Pooling/config.json``: mean for all-MiniLM-L6-v2), else ``cls``.
             query_max_length: query tokens kept.
@@ -98,10 +127,13 @@ class Hypencoder(TextEncoder):
         backbone, tokenizer, pooling = load_backbone(encoder_name_or_path, pooling)
         hidden = backbone.config.hidden_size
         width = qnet_width or hidden
-        spec = QNetSpec(vector_dimensions=(hidden,) + (width,) * (qnet_layers - 1) + (1,))
+        residual = not matryoshka_widths if qnet_residual is None else bool(qnet_residual)
+        spec = QNetSpec(vector_dimensions=(hidden,) + (width,) * (qnet_layers - 1) + (1,), residual=residual,
+                        widths=tuple(matryoshka_widths))
         model = cls(backbone, tokenizer, spec, pooling=pooling, query_max_length=query_max_length,
                     doc_max_length=doc_max_length, name_or_path=str(encoder_name_or_path))
         model.hyperhead.reset_parameters(torch.Generator().manual_seed(seed))
+        model.head_trained = False
         return model._place(device, dtype)
 
     @classmethod
@@ -140,7 +172,7 @@ class Hypencoder(TextEncoder):
     def _from_reference_format(cls, folder: Path, config: dict) -> Hypencoder:
         q_kwargs = config['query_encoder_kwargs']
         d_kwargs = config.get('passage_encoder_kwargs', {})
-        spec = QNetSpec.from_converter_kwargs(q_kwargs.get('converter_kwargs', {}))
+        spec = reference_qnet_spec(config, folder / 'config.json')
         shared = bool(config.get('shared_encoder', False))
         backbone_name = q_kwargs.get('model_name_or_path')
         if not backbone_name:
@@ -168,7 +200,10 @@ class Hypencoder(TextEncoder):
         if meta.get('format_version', 0) > FORMAT_VERSION:
             raise CheckpointError(f'{folder} was saved by a newer pyterrier-hypencoder (format '
                                   f'{meta["format_version"]}); upgrade the package')
-        spec = QNetSpec(**meta['qnet'])
+        try:
+            spec = QNetSpec(**meta['qnet'])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f'{folder / "config.json"} has a q-net spec this package cannot build ({e})') from None
         backbone = backbone_from_config(AutoConfig.from_pretrained(str(folder / 'backbone')))
         doc_backbone = None
         if not meta.get('shared_encoder', True):
@@ -178,6 +213,7 @@ class Hypencoder(TextEncoder):
                     doc_max_length=meta.get('doc_max_length', 512))
         load_into(model, load_state_dict(folder), 'model')
         model.train_temperature = meta.get('train_temperature')
+        model.head_trained = meta.get('head_trained', True)
         return model
 
     @staticmethod
@@ -206,7 +242,7 @@ class Hypencoder(TextEncoder):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(folder / _WEIGHTS), metadata={'format': 'pt'})
         config = {FORMAT_NAME: {
-            'format_version': FORMAT_VERSION,
+            'format_version': 2 if self.spec.widths else 1,
             'qnet': self.spec.to_dict(),
             'pooling': self.pooling,
             'shared_encoder': self.doc_backbone is None,
@@ -214,6 +250,7 @@ class Hypencoder(TextEncoder):
             'doc_max_length': self.doc_max_length,
             'dim': self.dim,
             'train_temperature': self.train_temperature,
+            'head_trained': self.head_trained,
         }}
         # config.json last: a folder without it is not a loadable model.
         with open(folder / 'config.json', 'w', encoding='utf-8') as f:
@@ -230,6 +267,26 @@ class Hypencoder(TextEncoder):
     def dim(self) -> int:
         """Size of the document vectors."""
         return self.spec.vector_dimensions[0]
+
+    @property
+    def matryoshka_widths(self) -> tuple:
+        """The nested q-net widths (ascending) that ``qnets.truncate(width)`` accepts; empty for an original Hypencoder.
+
+        They always include the full hidden width, even where a checkpoint's ``matryoshka_dims`` omit it: the uncut
+        q-net is what :meth:`encode_queries` returns.
+        """
+        return self.spec.widths
+
+    def set_matryoshka_widths(self, widths: Sequence[int]) -> None:
+        """Declares the q-nets nested at ``widths`` (the trainer does, for ``TrainConfig(matryoshka_widths=...)``).
+
+        No weight changes: this only sets which widths :meth:`QNets.truncate` accepts and :meth:`save_pretrained`
+        records. An empty sequence makes the model an original Hypencoder again.
+
+        Raises:
+            ValueError: for widths the q-nets cannot take (above the hidden width, or unequal hidden widths).
+        """
+        self.hyperhead.spec = replace(self.spec, widths=tuple(widths))
 
     def __repr__(self) -> str:
         name = self.name_or_path or type(self.backbone).__name__

@@ -5,11 +5,12 @@ A q-net maps a document vector to a relevance score. Its weights are generated p
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from .qnet_spec import QNetSpec
 
 __all__ = ['QNetSpec', 'QNets']
 
@@ -47,92 +48,6 @@ _SCORE_BUDGET_BYTES = {'cpu': 30 * 2 ** 20, 'cuda': 2 ** 28}
 # Documents per query in a step: the rows of each q-net's GEMMs. Below ~1000 rows the batched GEMMs fall well short
 # of the machine's peak (measured on CPU), so more queries make more, smaller query groups, not smaller chunks.
 SCORE_MIN_DOCS = {'cpu': 1024, 'cuda': 4096}
-
-
-@dataclass(frozen=True)
-class QNetSpec:
-    """The architecture of the q-nets (the reference code's ``converter_kwargs``).
-
-    Attributes:
-        vector_dimensions: input, hidden and output widths, e.g. ``(768, 768, 768, 1)`` is two hidden blocks
-            and a final 768 -> 1 matrix. The first equals the document vector size; the last must be 1.
-        activation: ``relu`` (the released models), ``tanh``, ``sigmoid``, ``gelu`` or ``leaky_relu``.
-        layer_norm: parameter-free layer norm in each hidden block.
-        residual: residual connection in each hidden block.
-        residual_on_last: residual connection on the last hidden block too (False in the released models).
-        layer_norm_before_residual: apply layer norm before adding the residual (True in the released models).
-        dropout: dropout probability inside hidden blocks while training (0 disables it).
-    """
-    vector_dimensions: tuple
-    activation: str = 'relu'
-    layer_norm: bool = True
-    residual: bool = True
-    residual_on_last: bool = False
-    layer_norm_before_residual: bool = True
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        dims = tuple(int(d) for d in self.vector_dimensions)
-        object.__setattr__(self, 'vector_dimensions', dims)
-        if len(dims) < 2 or dims[-1] != 1 or any(d <= 0 for d in dims):
-            raise ValueError(f'q-net vector_dimensions must be positive and end in 1 (e.g. [768, 768, 1]); got {list(dims)}')
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f'unknown q-net activation {self.activation!r}; choose one of {sorted(_ACTIVATIONS)}')
-        if self.residual_on_last and not self.residual:
-            raise ValueError('residual_on_last=True needs residual=True')
-        if self.residual:
-            for j in range(self.num_blocks):
-                if self._block_has_residual(j) and dims[j] != dims[j + 1]:
-                    raise ValueError(f'q-net block {j} maps {dims[j]} -> {dims[j + 1]} dims and cannot have a residual '
-                                     'connection; use equal hidden widths or residual=False')
-
-    @property
-    def num_blocks(self) -> int:
-        """Number of hidden blocks (every matrix but the last)."""
-        return len(self.vector_dimensions) - 2
-
-    @property
-    def weight_shapes(self) -> List[tuple]:
-        """``(in_dim, out_dim)`` of each generated matrix, in order."""
-        d = self.vector_dimensions
-        return [(d[i], d[i + 1]) for i in range(len(d) - 1)]
-
-    @property
-    def bias_dims(self) -> List[int]:
-        """Size of each generated bias vector (one per hidden block)."""
-        return list(self.vector_dimensions[1:-1])
-
-    def _block_has_residual(self, j: int) -> bool:
-        if not self.residual:
-            return False
-        return j < self.num_blocks - 1 or self.residual_on_last
-
-    @classmethod
-    def from_converter_kwargs(cls, kwargs: dict) -> QNetSpec:
-        """Reads the reference checkpoints' ``converter_kwargs``."""
-        names = {
-            'vector_dimensions': 'vector_dimensions', 'activation_type': 'activation', 'do_layer_norm': 'layer_norm',
-            'do_residual': 'residual', 'do_residual_on_last': 'residual_on_last',
-            'layer_norm_before_residual': 'layer_norm_before_residual',
-        }
-        unknown = set(kwargs) - set(names) - {'do_dropout', 'dropout_prob'}
-        if unknown:
-            raise ValueError(f'unsupported q-net converter_kwargs {sorted(unknown)}; supported: {sorted(names)}')
-        if 'vector_dimensions' not in kwargs:
-            raise ValueError('converter_kwargs has no vector_dimensions: the q-net shape is unknown')
-        args = {names[k]: v for k, v in kwargs.items() if k in names}
-        if args.get('residual_on_last') is None:
-            # The reference treats None as "same as do_residual".
-            args['residual_on_last'] = args.get('residual', True)
-        if kwargs.get('do_dropout'):
-            args['dropout'] = float(kwargs.get('dropout_prob', 0.1))
-        return cls(**args)
-
-    def to_dict(self) -> dict:
-        """A JSON-serialisable form, inverted by ``QNetSpec(**d)``."""
-        d = asdict(self)
-        d['vector_dimensions'] = list(self.vector_dimensions)
-        return d
 
 
 class QNets:
@@ -189,6 +104,27 @@ class QNets:
         """A copy with its own memory (a slice such as ``qnets[3]`` shares, and so keeps alive, the whole batch's)."""
         return QNets([w.clone() for w in self.weights], [b.clone() for b in self.biases], self.spec, self.training)
 
+    def truncate(self, width: int) -> QNets:
+        """These q-nets cut to a narrower nested (Matryoshka) hidden width (see :mod:`.qnet_spec`).
+
+        The first matrix keeps its first ``width`` columns, hidden matrices their top-left ``width x width`` block,
+        biases and the final matrix their first ``width`` entries; the input stays the whole document vector. The
+        result holds views of these tensors (no copy, and differentiable), and its ``spec`` records the width.
+
+        Args:
+            width: one of ``spec.widths`` (the model's ``matryoshka_widths``); the current width returns ``self``.
+
+        Raises:
+            ValueError: if these q-nets were not trained nested, or ``width`` is not one of their widths; the
+                message names the widths they can take.
+        """
+        spec = self.spec.truncated(width)
+        if spec == self.spec:
+            return self
+        w = spec.width
+        weights = [self.weights[0][..., :w]] + [m[:, :w, :w] for m in self.weights[1:-1]] + [self.weights[-1][:, :w]]
+        return QNets(weights, [b[:, :w] for b in self.biases], spec, self.training)
+
     @staticmethod
     def cat(parts: Sequence[QNets]) -> QNets:
         """Concatenates batches of q-nets (of the same spec) along the query axis."""
@@ -216,7 +152,9 @@ class QNets:
             if spec.layer_norm and spec.layer_norm_before_residual:
                 y = F.layer_norm(y, (y.shape[-1],), eps=LAYER_NORM_EPS)
             if spec._block_has_residual(j):
-                y = y.add_(x) if inplace and y.is_contiguous() else y + x
+                # a nested q-net cut below its input's width adds the input's first coordinates (see .qnet_spec)
+                res = x if x.shape[-1] == y.shape[-1] else x[..., :y.shape[-1]]
+                y = y.add_(res) if inplace and y.is_contiguous() else y + res
             if spec.layer_norm and not spec.layer_norm_before_residual:
                 y = F.layer_norm(y, (y.shape[-1],), eps=LAYER_NORM_EPS)
             if self.training and spec.dropout > 0:
@@ -350,7 +288,7 @@ class QNets:
             if spec.layer_norm and spec.layer_norm_before_residual:
                 y = F.layer_norm(y, (y.shape[-1],), eps=LAYER_NORM_EPS)
             if spec._block_has_residual(j):
-                y.add_(prev)
+                y.add_(prev if prev.shape[-1] == width else prev[..., :width])
             if spec.layer_norm and not spec.layer_norm_before_residual:
                 y = F.layer_norm(y, (y.shape[-1],), eps=LAYER_NORM_EPS)
             h = prev = y.transpose(0, 1) if j == 0 and shared else y

@@ -1,7 +1,7 @@
 """The index artifacts users hold, with the transformers they hand out (as pyterrier-dr's FlexIndex does).
 
 This thin module sits above both the storage classes (:mod:`~pyterrier_hypencoder.index`,
-:mod:`~pyterrier_hypencoder.sharded`) and the transformers, which read the storage classes: the hand-outs live
+:mod:`~pyterrier_hypencoder.index.sharded`) and the transformers, which read the storage classes: the hand-outs live
 here so that nothing imports in a circle and no method imports lazily. These are the classes registered under
 the ``pyterrier.artifact`` entry point, so ``pt.Artifact.load(path)`` returns them.
 """
@@ -47,7 +47,7 @@ class HypencoderIndex(_HandsOut, HypencoderIndexFiles):
         return indexer
 
     def split(self, path, **kwargs) -> ShardedHypencoderIndex:
-        """This index cut into shards, without re-encoding; see :func:`~pyterrier_hypencoder.sharded.split_index`."""
+        """This index cut into shards, without re-encoding; see :func:`~pyterrier_hypencoder.split_index`."""
         return split_index(self, path, **kwargs)
 
 

@@ -22,7 +22,7 @@ import torch
 from npids import Lookup
 
 from ..devices import default_device
-from ..index.files import HypencoderIndexFiles, build_ip_index, write_docnos
+from ..index.files import AUTO_IP_INDEX_DOCS, HypencoderIndexFiles, build_ip_index, write_docnos
 from ..index.graph import METHODS, write_graph
 from ..index.layout import DOCNOS_FILE, PROBE_TEXT, VEC_FILES, index_meta, write_meta
 from ..model.hypencoder import load_model
@@ -46,14 +46,14 @@ class HypencoderIndexer(pt.Indexer):
     def __init__(self, model, path: Union[str, os.PathLike], *, neighbours: Optional[int] = 100,
                  graph: Optional[str] = 'auto', text_field: Union[str, Sequence[str]] = 'text',
                  batch_size: int = 32, chunk_size: int = 1024, fp16: bool = False, overwrite: bool = False,
-                 resume: bool = False, ip_index: Optional[str] = None, device=None, verbose: bool = True):
+                 resume: bool = False, ip_index: Optional[str] = 'auto', device=None, verbose: bool = True):
         """
         Args:
             model: the :class:`~pyterrier_hypencoder.Hypencoder` that encodes documents, or its folder or hub
                 name (loaded now, on ``device``).
             path: the index folder to create (a relative path is resolved against the working directory now).
             neighbours: neighbours per document in the graph (the paper: 100); 0 or None for no graph.
-            graph: graph builder (see :func:`~pyterrier_hypencoder.graph.build_knn_graph`): ``auto`` (exact up to a
+            graph: graph builder (see :func:`~pyterrier_hypencoder.index.graph.build_knn_graph`): ``auto`` (exact up to a
                 size threshold, then approximate), ``exact``, ``hnsw`` or ``ivf``; None for no graph.
             text_field: the field to encode, or several fields joined by a space (e.g. ``['title', 'text']``).
             batch_size: documents per encoder forward pass.
@@ -63,12 +63,17 @@ class HypencoderIndexer(pt.Indexer):
             resume: keep the partial build when :meth:`index` is interrupted (``.<name>.building-resume`` beside
                 ``path``), and continue one found there: the documents already encoded are read again (their docnos
                 checked against the saved ones) but not encoded. Pass the same documents and settings.
-            ip_index: also build the inner-product ANN index that adaptive search draws its candidates from on
-                large corpora: ``'hnsw32'`` (FAISS HNSW of degree 32; any ``'hnsw<M>'``). None: none (adaptive
-                search then ranks the whole corpus by inner product per draw, which is fine up to ~100k documents).
+            ip_index: the inner-product ANN index that adaptive search draws its candidates from on large
+                corpora. ``'auto'`` (default): ``'hnsw32'`` from
+                :data:`~pyterrier_hypencoder.index.files.AUTO_IP_INDEX_DOCS` documents on, where it makes adaptive
+                search faster (measured: ``docs/ip-index-default.md``), else none. ``'hnsw32'``: FAISS HNSW of
+                degree 32 (any ``'hnsw<M>'``) whatever the size. None: none (adaptive search then ranks the whole
+                corpus by inner product every round). ``index.add_ip_index()`` adds one later.
             device: where documents are encoded (default: the model's device). A model on another device is not
                 moved: a copy on ``device`` encodes, for the duration of :meth:`index`.
-            verbose: show progress bars.
+            verbose: show progress bars: one over the documents (it replaces the bar of a corpus iterator that shows
+                its own, such as ``dataset.get_corpus_iter()``, so each document is counted once), then one per
+                structure built (graph, ANN index).
 
         Raises:
             ValueError: on a bad parameter or an unavailable device.
@@ -101,8 +106,9 @@ class HypencoderIndexer(pt.Indexer):
         return [['docno'] + self.text_fields]
 
     def __repr__(self) -> str:
+        ip = {0: None, _AUTO: 'auto'}.get(self.ip_m, f'hnsw{self.ip_m}')
         return (f'HypencoderIndexer({str(self.path)!r}, neighbours={self.neighbours}, text_field={self.text_fields}, '
-                f'dtype={self.dtype})')
+                f'dtype={self.dtype}, ip_index={ip!r})')
 
     def index(self, docs: Iterable[Dict[str, Any]]) -> HypencoderIndexFiles:
         """Indexes documents.
@@ -123,6 +129,8 @@ class HypencoderIndexer(pt.Indexer):
             docs = _FrameRows(docs)
         elif hasattr(docs, 'get_corpus_iter'):
             raise TypeError(f'index() takes the documents, not a dataset: pass {type(docs).__name__}.get_corpus_iter()')
+        if self.verbose:
+            _hide_input_bar(docs)  # this indexer's bar counts the documents; two bars would interleave
         if self.path.exists() and not self.overwrite:
             raise FileExistsError(f'{self.path} already exists; pass overwrite=True to replace it, or choose another path')
         # Everything is written to a hidden sibling and moved into place at the end, so an interrupted run never
@@ -299,7 +307,8 @@ class HypencoderIndexer(pt.Indexer):
         for stale in folder.glob('graph_l2_k*'):  # a graph an interrupted build left half-written
             shutil.rmtree(stale)
         graph_meta = self._build_graph(vectors, folder) if self.graph else None
-        ip_meta = build_ip_index(vectors, folder, self.ip_m, verbose=self.verbose) if self.ip_m else None
+        ip_m = (_AUTO_M if count >= AUTO_IP_INDEX_DOCS else 0) if self.ip_m == _AUTO else self.ip_m
+        ip_meta = build_ip_index(vectors, folder, ip_m, verbose=self.verbose) if ip_m else None
         (folder / _DOCNOS_PARTIAL).unlink()
         (folder / _PROGRESS).unlink(missing_ok=True)
         # The probe is encoded last in a one-off build, so bad documents fail before anything but their chunk is encoded.
@@ -313,14 +322,36 @@ class HypencoderIndexer(pt.Indexer):
 
 
 def _parse_ip_index(spec: Optional[str]) -> int:
-    """The HNSW degree of an ``ip_index`` spec (``'hnsw32'``), 0 for None."""
+    """The HNSW degree of an ``ip_index`` spec (``'hnsw32'``), 0 for None, ``_AUTO`` for ``'auto'``."""
     if spec is None:
         return 0
+    if spec == 'auto':
+        return _AUTO
     m = re.fullmatch(r'hnsw(\d+)', str(spec))
     if not m or not 2 <= int(m.group(1)) <= 256:
-        raise ValueError(f'ip_index={spec!r} is not supported: use "hnsw<M>" with M from 2 to 256 (e.g. "hnsw32"), '
-                         'or None for no inner-product index')
+        raise ValueError(f'ip_index={spec!r} is not supported: use "auto" (by corpus size), "hnsw<M>" with M from 2 '
+                         'to 256 (e.g. "hnsw32"), or None for no inner-product index')
     return int(m.group(1))
+
+
+def _hide_input_bar(docs) -> None:
+    """Silences the progress bar a corpus iterator keeps of itself (``dataset.get_corpus_iter()`` has one), before
+    iteration starts; the indexer's own bar then counts the documents, once. Anything else is left alone."""
+    from tqdm.std import tqdm
+    candidates = [docs]
+    # PyTerrier's corpus iterators wrap a generator that reads a tqdm-wrapped iterator (pt.utils.GeneratorLen)
+    frame = getattr(getattr(docs, 'gen', None), 'gi_frame', None)
+    if frame is not None:
+        candidates += list(frame.f_locals.values())
+    for bar in candidates:
+        if isinstance(bar, tqdm) and not bar.disable and bar.n == 0:
+            bar.leave = False
+            bar.close()  # takes its line back
+            bar.disable = True  # iterating it now passes the documents through without drawing
+
+
+# ip_index='auto': the HNSW degree built from AUTO_IP_INDEX_DOCS documents on (the one benchmarks measured).
+_AUTO, _AUTO_M = -1, 32
 
 
 def _write_json(path: Path, value) -> None:

@@ -17,6 +17,7 @@ from ..index.open import open_index
 from ..index.sharded import ShardedIndexFiles
 from ..model.hypencoder import load_model
 from ..model.qnet import QNets
+from .retriever import check_widths, explain_missing_query, progress, warn_untrained
 
 __all__ = ['HypencoderReranker']
 
@@ -24,14 +25,17 @@ __all__ = ['HypencoderReranker']
 # and encoding its query again for each batch would cost more than scoring the batch. Few are kept, as a
 # BERT-base q-net takes 14 MB.
 _QNET_CACHE = 4
+# Without an index, texts are encoded this many at a time, so the progress bar moves while a batch's documents
+# (often thousands, minutes on a CPU) are encoded.
+_TEXT_CHUNK = 256
 
 
 class HypencoderReranker(pt.Transformer):
     """Re-scores a result frame with a Hypencoder: each query's q-net scores its documents' vectors.
 
-    The document vectors come from a :class:`~pyterrier_hypencoder.index.HypencoderIndex` (looked up by
+    The document vectors come from a :class:`~pyterrier_hypencoder.HypencoderIndex` (looked up by
     ``docno``) or, without an index, from encoding the ``text`` column on the fly. Scores equal those of
-    :class:`~pyterrier_hypencoder.retriever.HypencoderRetriever` for the same pairs.
+    :class:`~pyterrier_hypencoder.HypencoderRetriever` for the same pairs.
 
     Input: ``qid``, ``query``, ``docno`` (and the text column when there is no index). Output: the input with
     ``score`` and ``rank`` (0-based) replaced, best first within each query, queries in input order.
@@ -53,12 +57,13 @@ class HypencoderReranker(pt.Transformer):
 
     def __init__(self, model, index=None, *, text_field: str = 'text', batch_size: int = 32,
                  device: Union[None, str, torch.device] = None, backend: Optional[str] = None,
-                 ray_options: Optional[Dict[str, Any]] = None, verbose: bool = False):
+                 ray_options: Optional[Dict[str, Any]] = None, width: Optional[int] = None,
+                 verbose: Optional[bool] = None):
         """
         Args:
             model: the :class:`~pyterrier_hypencoder.Hypencoder`, or its folder or hub name (loaded now, on
                 ``device``).
-            index: a :class:`~pyterrier_hypencoder.index.HypencoderIndex` (or its path) holding the documents'
+            index: a :class:`~pyterrier_hypencoder.HypencoderIndex` (or its path) holding the documents'
                 vectors; None to encode the ``text_field`` column instead. An index rebuilt in place while the
                 reranker exists is checked against the model again at the next call, and its new vectors used.
             text_field: the column with document texts (used without an index).
@@ -68,7 +73,12 @@ class HypencoderReranker(pt.Transformer):
                 ``'local'`` (default) or ``'ray'`` / a Ray address (each docno is routed to its shard's actor,
                 which returns the stored vector; the q-nets score on this side, so scores are the same).
             ray_options: Ray actor options (see :class:`~pyterrier_hypencoder.HypencoderRetriever`).
-            verbose: show a progress bar over the queries.
+            width: a Matryoshka model's q-nets cut to this width (one of ``model.matryoshka_widths``); None
+                (default): the full q-nets.
+            verbose: a progress bar over the documents re-ranked (without an index it moves as their texts are
+                encoded): True always, False never, None (default) from its first update after
+                :data:`~pyterrier_hypencoder.pt.retriever.PROGRESS_DELAY_S` seconds (re-ranking a topic set's
+                candidates from their text takes minutes on a CPU).
 
         Raises:
             ValueError: on a bad parameter or an unavailable device.
@@ -79,6 +89,7 @@ class HypencoderReranker(pt.Transformer):
         check_int('batch_size', batch_size)
         self.device = check_device(device)
         self.model = load_model(model, device=device, user='HypencoderReranker')
+        self.width = check_widths(self.model, width)
         self.index = open_index(index) if index is not None else None
         if self.index is None and (backend is not None or ray_options):
             raise ValueError('backend and ray_options choose where a sharded index is read; this reranker has no index')
@@ -120,7 +131,8 @@ class HypencoderReranker(pt.Transformer):
         source = repr(str(self.index.path)) if self.index is not None else f'text_field={self.text_field!r}'
         if self._shards is not None:
             source += f', backend={self._shards!r}, shards={self.index.n_shards}'
-        return f'HypencoderReranker({source})'
+        width = f', width={self.width}' if self.width is not None else ''
+        return f'HypencoderReranker({source}{width})'
 
     @property
     def search_device(self) -> torch.device:
@@ -146,6 +158,8 @@ class HypencoderReranker(pt.Transformer):
                 else:
                     v.result_frame(extra_columns=['query', self.text_field], mode='text')
         except pt.validate.InputValidationError as e:
+            if 'query' not in inp.columns:
+                explain_missing_query(inp, self, e)
             if self.index is None and e.modes[0].missing_columns == [self.text_field]:
                 raise pt.validate.InputValidationError(
                     f'{self!r} has no index, so it needs the documents\' text in a {self.text_field!r} column, which '
@@ -165,6 +179,8 @@ class HypencoderReranker(pt.Transformer):
         missing = [q for q in dict.fromkeys(queries) if q not in found]
         if missing:
             qnets = self.model.encode_queries(missing, batch_size=self.batch_size).to(self.search_device)
+            if self.width is not None:
+                qnets = qnets.truncate(self.width)
             # copies, so that a cached query does not keep its whole encoding batch in memory
             found.update((q, qnets[i].clone()) for i, q in enumerate(missing))
             with self._lock:
@@ -181,7 +197,7 @@ class HypencoderReranker(pt.Transformer):
             raise KeyError(f'{e.args[0]}. The reranker scores the vectors stored in its index, so every docno must '
                            'come from the indexed corpus (was the first stage run on another corpus?)') from None
 
-    def _doc_vectors(self, frame: pd.DataFrame) -> torch.Tensor:
+    def _doc_vectors(self, frame: pd.DataFrame, bar=None) -> torch.Tensor:
         """Vectors of the documents of ``frame``'s rows, on the scoring device (a single index, or texts)."""
         if self.index is not None:
             vectors = torch.from_numpy(np.asarray(self.index.vectors()[self._rows(frame)]))
@@ -194,7 +210,13 @@ class HypencoderReranker(pt.Transformer):
                                 f'for docno {docno!r}; fill them before re-ranking')
             # The same document often appears for several queries: encode each text once.
             codes, unique = pd.factorize(texts)
-            vectors = self.model.encode_docs(list(unique), batch_size=self.batch_size)[torch.from_numpy(codes)]
+            uses = np.bincount(codes, minlength=len(unique))  # rows of the frame per text, for the progress bar
+            parts = []
+            for start in range(0, len(unique), _TEXT_CHUNK):
+                parts.append(self.model.encode_docs(list(unique[start:start + _TEXT_CHUNK]), batch_size=self.batch_size))
+                if bar is not None:
+                    bar.update(int(uses[start:start + _TEXT_CHUNK].sum()))
+            vectors = torch.cat(parts)[torch.from_numpy(codes)]
         return vectors.to(device=self.search_device)
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
@@ -206,10 +228,11 @@ class HypencoderReranker(pt.Transformer):
             self._check_index()  # the index was rebuilt: its vectors (read per batch) may come from another model
         inp = inp.reset_index(drop=True)
         query_codes, queries = pd.factorize(pd.Series(check_queries(inp)))
+        warn_untrained(self.model, 'HypencoderReranker')
         order = np.argsort(query_codes, kind='stable')  # rows grouped by query, queries in input order
         bounds = np.searchsorted(query_codes[order], np.arange(len(queries) + 1))
         scores = np.empty(len(inp), dtype=np.float64)
-        bar = pt.tqdm(total=len(queries), desc='HypencoderReranker', unit='query', disable=not self.verbose)
+        bar = progress(len(inp), 'HypencoderReranker', self.verbose, unit='doc')  # documents: the work of re-ranking
         with bar, torch.inference_mode():
             for first in range(0, len(queries), self.batch_size):
                 last = min(first + self.batch_size, len(queries))
@@ -219,13 +242,14 @@ class HypencoderReranker(pt.Transformer):
                     # Each shard's backend scores its own documents (on Ray: on the actors that hold them).
                     pair_query = query_codes[rows] - first
                     scores[rows] = self._shards.score_rows(qnets, pair_query, self._rows(inp.iloc[rows]))
-                    bar.update(last - first)
+                    bar.update(len(rows))
                     continue
-                vectors = self._doc_vectors(inp.iloc[rows])
+                vectors = self._doc_vectors(inp.iloc[rows], bar if self.index is None else None)
                 for j in range(last - first):
                     lo, hi = bounds[first + j] - bounds[first], bounds[first + j + 1] - bounds[first]
                     scores[rows[lo:hi]] = qnets[j].score(vectors[lo:hi])[0].double().cpu().numpy()
-                bar.update(last - first)
+                if self.index is not None:  # (text encoding moved the bar as it went)
+                    bar.update(len(rows))
         out = pt.model.add_ranks(inp.assign(score=scores))
         qid_order, _ = pd.factorize(out['qid'])
         return out.iloc[np.lexsort((out['rank'].to_numpy(), qid_order))].reset_index(drop=True)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import warnings
+import weakref
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
@@ -12,13 +14,68 @@ import torch
 from ..checks import check_int, check_queries
 from ..devices import check_device
 from ..distributed.backends import check_backend, open_shards
+from ..index.files import AUTO_IP_INDEX_DOCS
 from ..index.open import open_index
 from ..index.sharded import ShardedIndexFiles
 from ..model.hypencoder import load_model
-from ..search.modes import Corpus, GraphWalk, make_mode
+from ..search.modes import Adaptive, Corpus, GraphWalk, make_mode
 from ..search.rows import place_vectors
 
 __all__ = ['HypencoderRetriever']
+
+# verbose=None (the default of the retriever and the reranker): a progress bar appears once a call has run this
+# many seconds. Short calls (an experiment's small batches, GAR's many calls) print nothing; a call that takes
+# minutes, like re-ranking a whole topic set's candidates, shows its progress, as PyTerrier's own components do.
+PROGRESS_DELAY_S = 5.0
+# A graph walk whose random start samples this share of the corpus or more costs about an exhaustive search.
+_GRAPH_SAMPLE_SHARE = 0.5
+_WARNED_UNTRAINED: weakref.WeakSet = weakref.WeakSet()
+
+
+def progress(total: int, desc: str, verbose: Optional[bool], unit: str = 'query'):
+    """A progress bar over ``total`` items: always (``verbose=True``), never (False), or from
+    :data:`PROGRESS_DELAY_S` seconds on (None: it shows at the first update after that)."""
+    if verbose is None:
+        return pt.tqdm(total=total, desc=desc, unit=unit, delay=PROGRESS_DELAY_S)
+    return pt.tqdm(total=total, desc=desc, unit=unit, disable=not verbose)
+
+
+def warn_untrained(model, user: str) -> None:
+    """Warns, once per model, when its q-nets were never trained nor warm-started (they rank at about chance)."""
+    if getattr(model, 'head_trained', True) or model in _WARNED_UNTRAINED:
+        return
+    _WARNED_UNTRAINED.add(model)
+    warnings.warn(f'{user}: the q-nets of {model!r} were never trained: Hypencoder.from_backbone gives a random '
+                  'hyperhead, which ranks at about chance. Train it (python -m pyterrier_hypencoder.train, or Trainer), '
+                  'start from warm_start_hypencoder(backbone) (the backbone\'s own similarity), or load a trained model '
+                  '(Hypencoder.from_pretrained)', UserWarning, stacklevel=4)
+
+
+def check_widths(model, width: Optional[int], cascade_width: Optional[int] = None) -> Optional[int]:
+    """``width`` checked against the model's Matryoshka widths (None: the full q-nets), and a cascade's narrower one.
+
+    Raises:
+        ValueError: for a width the model's q-nets cannot take (naming those they can), or a ``cascade_width`` not
+            narrower than the q-nets searched.
+    """
+    spec = model.spec if width is None else model.spec.truncated(width)
+    if cascade_width is not None:
+        narrow = spec.truncated(cascade_width)
+        if narrow.width >= spec.width:
+            raise ValueError(f'cascade_width={cascade_width} must be narrower than the q-nets searched (width '
+                             f'{spec.width}); the narrower widths are {[w for w in spec.widths if w < spec.width]}')
+    return None if width is None or width == model.spec.width else int(width)
+
+
+def explain_missing_query(inp: pd.DataFrame, transformer, error: pt.validate.InputValidationError) -> None:
+    """Raises ``error`` again, saying what to do when the input lacks the ``query`` column."""
+    if 'query' in inp.columns:
+        raise error
+    hint = (" Topics of BEIR-style datasets keep it in 'text': rename the column (topics.rename(columns={'text': "
+            "'query'})) or load the topics as dataset.get_topics('text')." if 'text' in inp.columns else
+            ' Load topics with dataset.get_topics(), which names it so.')
+    raise pt.validate.InputValidationError(f'{transformer!r} needs the query text in a \'query\' column; the input '
+                                           f'has {list(inp.columns)}.{hint}', error.modes) from None
 
 
 class HypencoderRetriever(pt.Transformer):
@@ -33,8 +90,9 @@ class HypencoderRetriever(pt.Transformer):
     - ``exhaustive``: every document is scored (exact top-k); on a GPU the vectors stay resident when they fit.
     - ``graph``: the paper's greedy walk over the index's L2 neighbour graph (needs an index built with one).
     - ``adaptive``: rounds of per-query linear surrogates pick the documents to score; on an index with an
-      inner-product ANN index (``HypencoderIndexer(..., ip_index='hnsw32')`` or ``index.add_ip_index()``) they
-      draw candidate pools from it, so no round touches the whole corpus: the mode for large corpora.
+      inner-product ANN index (built by default for large corpora, ``ip_index='auto'``; ``index.add_ip_index()``
+      adds one) they draw candidate pools from it, so no round touches the whole corpus: the mode for large
+      corpora. Where it pays: ``docs/ip-index-default.md``.
     - ``surrogate``: the two-stage baseline: sample ``n_sample``, fit, score the surrogate's top ``n_entry``.
 
     Measured costs and recall of each mode: ``docs/approximate-search.md``.
@@ -76,9 +134,11 @@ class HypencoderRetriever(pt.Transformer):
                  n_candidates: int = 64, max_iter: int = 16, early_stopping: bool = True, seed: int = 0,
                  n_sample: int = 128, n_entry: Optional[int] = None, max_rounds: int = 32, expand: int = 0,
                  ef: Optional[int] = None, max_scored: Optional[int] = None, pool: int = 1024, refreshes: int = 1,
-                 stop_k: Optional[int] = None, scored_column: Optional[str] = None,
-                 batch_size: int = 32, device: Union[None, str, torch.device] = None, backend: Optional[str] = None,
-                 ray_options: Optional[Dict[str, Any]] = None, score_block: Optional[int] = None, verbose: bool = False):
+                 stop_k: Optional[int] = None, cascade_width: Optional[int] = None, rescore: Optional[int] = None,
+                 width: Optional[int] = None, scored_column: Optional[str] = None, batch_size: int = 32,
+                 device: Union[None, str, torch.device] = None, backend: Optional[str] = None,
+                 ray_options: Optional[Dict[str, Any]] = None, score_block: Optional[int] = None,
+                 verbose: Optional[bool] = None):
         """
         Args:
             model: the :class:`~pyterrier_hypencoder.Hypencoder` that built the index, or its folder or hub name
@@ -93,16 +153,21 @@ class HypencoderRetriever(pt.Transformer):
             n_sample, n_entry, max_rounds, expand, ef, max_scored, pool, refreshes, stop_k: adaptive mode's options
                 (:class:`~pyterrier_hypencoder.search.modes.Adaptive`); ``n_sample`` and ``n_entry`` also the
                 surrogate mode's (:class:`~pyterrier_hypencoder.search.modes.Surrogate`).
+            cascade_width, rescore: adaptive mode on a Matryoshka model: search at this narrower width and re-score
+                the best ``rescore`` candidates at full width (:class:`~pyterrier_hypencoder.search.modes.Adaptive`).
+            width: a Matryoshka model's q-nets cut to this width (one of ``model.matryoshka_widths``) in every
+                mode; None (default): the full q-nets.
             seed: graph, adaptive and surrogate modes: seed of the random sample (shared by every query); >= 0.
             score_block: exhaustive mode: documents per q-net scoring call (default: 1,024 on CPU, 4,096 on GPU).
             scored_column: name of an extra output column holding, per query, how many documents were scored
                 (q-net evaluations); None (default) adds none.
             batch_size: queries encoded and searched together.
             device: where q-nets score documents (default: the model's device). The model is not moved.
+            verbose: a progress bar over the queries: True always, False never, None (default) once a call has run
+                for :data:`PROGRESS_DELAY_S` seconds.
             backend: for a sharded index: ``'local'`` (default), ``'ray'``, or a Ray address (``'ray://head:10001'``).
             ray_options: Ray actor options: ``num_cpus`` (default 1), ``num_gpus`` (default 0), ``max_restarts``
                 and ``max_task_retries`` (default 3 each).
-            verbose: show a progress bar over the queries.
 
         Every search option is checked, whichever mode uses it; each is documented once, on its mode's class in
         :mod:`pyterrier_hypencoder.search.modes`.
@@ -115,17 +180,25 @@ class HypencoderRetriever(pt.Transformer):
 
         An index rebuilt in place while the retriever exists (``overwrite=True``) is noticed at the next query:
         the retriever checks it against the model again and searches the new documents.
+
+        Warns (once, here) when the options cost more than they should: ``mode='adaptive'`` on an index of
+        :data:`~pyterrier_hypencoder.index.files.AUTO_IP_INDEX_DOCS` documents or more without an inner-product
+        ANN index (``index.add_ip_index()`` builds one), and ``mode='graph'`` whose random start (``n_initial``)
+        covers half the corpus or more (as costly as exhaustive search). Retrieving with a model whose q-nets were
+        never trained warns at the first query.
         """
         self.search_mode = make_mode(mode, n_initial=n_initial, n_candidates=n_candidates, max_iter=max_iter,
                                      early_stopping=early_stopping, seed=seed, n_sample=n_sample, n_entry=n_entry,
                                      max_rounds=max_rounds, expand=expand, ef=ef, max_scored=max_scored, pool=pool,
-                                     refreshes=refreshes, stop_k=stop_k, score_block=score_block)
+                                     refreshes=refreshes, stop_k=stop_k, score_block=score_block,
+                                     cascade_width=cascade_width, rescore=rescore)
         check_int('num_results', num_results)
         check_int('batch_size', batch_size)
         if scored_column is not None and (not isinstance(scored_column, str) or not scored_column):
             raise ValueError(f'scored_column must be a non-empty column name or None; got {scored_column!r}')
         self.device = check_device(device)
         self.model = load_model(model, device=device, user='HypencoderRetriever')
+        self.width = check_widths(self.model, width, cascade_width)
         self.index = open_index(index)
         check_backend(self.index, backend)
         self._backend = (backend, ray_options)
@@ -135,6 +208,20 @@ class HypencoderRetriever(pt.Transformer):
         self.scored_column = scored_column
         self.batch_size = batch_size
         self.verbose = verbose
+        self._warn_costly_options()
+
+    def _warn_costly_options(self) -> None:
+        mode, n = self.search_mode, len(self.index)
+        if isinstance(mode, Adaptive) and not mode.expand and not self._has_ann and n >= AUTO_IP_INDEX_DOCS:
+            warnings.warn(f"mode='adaptive' on {self.index!r} ranks all {n:,} documents by inner product in every "
+                          'round: it has no inner-product ANN index to draw candidates from. Build one once with '
+                          'index.add_ip_index() (or HypencoderIndexer(..., ip_index=\'hnsw32\')); see '
+                          'docs/ip-index-default.md', UserWarning, stacklevel=3)
+        if isinstance(mode, GraphWalk) and mode.n_initial >= _GRAPH_SAMPLE_SHARE * n:
+            warnings.warn(f"mode='graph' starts each walk by scoring n_initial={mode.n_initial:,} random documents, "
+                          f'{min(1.0, mode.n_initial / n):.0%} of the {n:,} in {self.index!r}: that costs about an '
+                          "exhaustive search, which is exact (mode='exhaustive'). For a walk, give n_initial well "
+                          f'below the corpus size, e.g. n_initial={max(1, n // 20):,}', UserWarning, stacklevel=3)
 
     @property
     def mode(self) -> str:
@@ -168,6 +255,8 @@ class HypencoderRetriever(pt.Transformer):
     def __repr__(self) -> str:
         mode = self.search_mode
         args = [repr(str(self.index.path)), f'num_results={self.num_results}', f'mode={self.mode!r}']
+        if self.width is not None:
+            args.append(f'width={self.width}')
         if self._shards is not None:
             args.append(f'backend={self._shards!r}, shards={self.index.n_shards}')
         if isinstance(mode, GraphWalk):
@@ -181,6 +270,8 @@ class HypencoderRetriever(pt.Transformer):
             args += [f'n_sample={mode.n_sample}', f'n_entry={mode.n_entry}']
             if self.mode == 'adaptive':
                 args += [f'max_rounds={mode.max_rounds}', f'max_scored={mode.max_scored}', f'stop_k={mode.stop_k}']
+                if mode.cascade_width is not None:
+                    args += [f'cascade_width={mode.cascade_width}', f'rescore={mode.rescore}']
                 if mode.uses_ann(self._has_ann):
                     args += [f'pool={mode.pool}', f'refreshes={mode.refreshes}']
                 else:
@@ -235,21 +326,28 @@ class HypencoderRetriever(pt.Transformer):
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         """Retrieves ``num_results`` documents for each query of ``inp``."""
-        pt.validate.query_frame(inp, extra_columns=['query'], context=self)
+        try:
+            pt.validate.query_frame(inp, extra_columns=['query'], context=self)
+        except pt.validate.InputValidationError as e:
+            explain_missing_query(inp, self, e)
         if len(inp) == 0:
             return inp.assign(docno=pd.Series(dtype=str), score=pd.Series(dtype='float64'),
                               rank=pd.Series(dtype='int64'))
         queries = check_queries(inp)
+        warn_untrained(self.model, 'HypencoderRetriever')
         if self.index.generation() != self._generation:
             self._load_index_files()  # the index was rebuilt: never serve the replaced documents
         all_scores, all_ids, all_scored = [], [], []
-        bar = pt.tqdm(total=len(queries), desc='HypencoderRetriever', unit='query', disable=not self.verbose)
+        bar = progress(len(queries), 'HypencoderRetriever', self.verbose)
         with bar, torch.inference_mode():
             for start in range(0, len(queries), self.batch_size):
                 batch = queries[start:start + self.batch_size]
                 qnets = self.model.encode_queries(batch, batch_size=self.batch_size)
-                scores, ids, scored = self._search(qnets.to(self.search_device))
-                all_scored.append(scored.numpy())
+                if self.width is not None:
+                    qnets = qnets.truncate(self.width)
+                result = self._search(qnets.to(self.search_device))
+                scores, ids = result.scores, result.ids
+                all_scored.append(result.n_evaluations.numpy())
                 all_scores.append(scores.double().numpy())
                 all_ids.append(ids.numpy())
                 bar.update(len(batch))

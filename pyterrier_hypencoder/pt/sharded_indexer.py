@@ -23,7 +23,7 @@ class ShardedHypencoderIndexer(pt.Indexer):
     """Encodes a corpus into a :class:`~pyterrier_hypencoder.ShardedHypencoderIndex` of ``shard_size``-document shards.
 
     Documents are read once, in order, and cut into contiguous shards; each shard is an ordinary index built by
-    :class:`~pyterrier_hypencoder.indexer.HypencoderIndexer` (vectors, docnos, its own neighbour graph). With
+    :class:`~pyterrier_hypencoder.HypencoderIndexer` (vectors, docnos, its own neighbour graph). With
     ``backend='local'`` the shards are built one after another in this process; with ``backend='ray'`` (or a Ray
     address) each shard is a Ray task (on a GPU when ``ray_options={'num_gpus': 1}``), retried by Ray on failure.
     Shards are written into a hidden sibling folder that is moved into place, manifest last, only when every

@@ -1,6 +1,6 @@
 """Adaptive approximate search: surrogate entry points, a best-first graph walk, and a stopping rule.
 
-The paper's walk (:func:`~pyterrier_hypencoder.search.graph_search`) starts every query from the same random sample
+The paper's walk (:func:`~pyterrier_hypencoder.search.graph_walk.graph_search`) starts every query from the same random sample
 and expands the best of the documents scored last. This module instead:
 
 1. scores a small random sample (shared by all queries, so it is one efficient :meth:`QNets.score` call) and fits

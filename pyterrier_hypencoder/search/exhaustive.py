@@ -18,7 +18,7 @@ def score_block(device: Union[str, torch.device]) -> int:
     Exhaustive search scores documents in fixed blocks of rows ``[j * block, (j + 1) * block)``, so a document's
     score depends only on its block's rows and the query batch, not on the corpus size. A shard whose offset is
     a multiple of the block therefore computes its documents' scores in the same GEMMs as the unsharded index,
-    bit for bit (see :class:`~pyterrier_hypencoder.sharded.ShardedIndexFiles`).
+    bit for bit (see :class:`~pyterrier_hypencoder.index.sharded.ShardedIndexFiles`).
     """
     return SCORE_MIN_DOCS.get(torch.device(device).type, SCORE_MIN_DOCS['cpu'])
 

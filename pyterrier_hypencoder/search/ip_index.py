@@ -24,7 +24,7 @@ class InnerProductIndex:
 
     Exact by default: one float32 GEMM over the corpus per search (``n`` inner products per query), which also
     skips the documents a query has already scored, so a round asks for ``m`` documents, not ``m`` plus all seen
-    ones (FAISS's flat index would, and its heap over hundreds of results cost 10x the GEMM here). With ``hnsw_m``, a
+    ones (FAISS's flat index would, and its heap over hundreds of results costs more than the GEMM). With ``hnsw_m``, a
     FAISS ``IndexHNSWFlat`` (approximate; about ``ef * M * log(n)`` distance computations per search, counted by
     FAISS). Build it once per corpus (``HypencoderIndex.add_ip_index`` stores one with the index) and pass it to every
     call.
@@ -34,9 +34,7 @@ class InnerProductIndex:
     - ``'cosine'`` (default): a graph over the unit-normalised vectors, searched by inner product with the query,
       so it returns the documents of highest cosine with the surrogate. Adaptive search uses its answer as a
       candidate pool whose order the surrogate recomputes exactly (``x . w`` on the pool's vectors), so what counts
-      is that the pool holds the best documents, and a cosine graph navigates well: on software-packages (906,627
-      MiniLM vectors, norms 1.3 to 8.9) a pool of 1024 from it gives the 2-layer head recall@10 0.98 against
-      exhaustive search, where the lifted graph below gives 0.78.
+      is that the pool holds the best documents, and a cosine graph navigates well (``docs/approximate-search.md``).
     - ``'lifted'``: the classic reduction of inner products to L2 (every document gets the extra coordinate
       ``sqrt(R - |x|^2)``, ``R`` the largest squared norm, the query a 0), exact in ranking but, with norms that
       vary this much, the extra coordinate dominates the distances and the graph navigates poorly.

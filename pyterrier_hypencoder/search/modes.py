@@ -28,6 +28,7 @@ import torch
 from ..checks import check_int
 from ..model.qnet import QNets
 from .adaptive import adaptive_search, surrogate_search
+from .cascade import rescore
 from .exhaustive import exhaustive_search
 from .graph_walk import graph_search
 from .ip_index import InnerProductIndex
@@ -40,10 +41,21 @@ __all__ = ['MODES', 'Adaptive', 'Corpus', 'Exhaustive', 'GraphWalk', 'SearchMode
 
 class SearchResult(NamedTuple):
     """A batch's results on the CPU: float32 ``scores`` and int64 row ``ids`` ``[Q, k]`` best first (id -1 and score
-    -inf where fewer were found), and int64 ``n_scored`` ``[Q]``, the q-net evaluations per query."""
+    -inf where fewer were found), int64 ``n_scored`` ``[Q]``, the q-net evaluations per query at the q-nets' own
+    width; for a cascade, int64 ``n_narrow`` ``[Q]``, the evaluations at the narrow width; for the surrogate modes,
+    int64 ``n_inner`` (inner products) and ``n_iter`` (rounds plus walk steps) ``[Q]``. Costs a mode does not
+    count are None."""
     scores: torch.Tensor
     ids: torch.Tensor
     n_scored: torch.Tensor
+    n_narrow: Optional[torch.Tensor] = None
+    n_inner: Optional[torch.Tensor] = None
+    n_iter: Optional[torch.Tensor] = None
+
+    @property
+    def n_evaluations(self) -> torch.Tensor:
+        """q-net evaluations per query at any width."""
+        return self.n_scored if self.n_narrow is None else self.n_scored + self.n_narrow
 
 
 class Corpus:
@@ -177,6 +189,10 @@ class Adaptive:
         refreshes: with an ANN index: fresh draws per query once its rounds stop improving.
         stop_k: rounds stop once one adds nothing to the top ``stop_k`` (default ``k``).
         seed: seed of the random sample.
+        cascade_width: a narrower Matryoshka width (one of the model's ``matryoshka_widths``) at which the whole
+            search runs, its best ``rescore`` documents then scored at full width and ranked by those scores
+            (:mod:`~pyterrier_hypencoder.search.cascade`); None (default): no cascade.
+        rescore: with ``cascade_width``: narrow candidates per query re-scored at full width (default ``2 * k``).
     """
     n_sample: int = 128
     n_entry: Optional[int] = None
@@ -188,6 +204,8 @@ class Adaptive:
     refreshes: int = 1
     stop_k: Optional[int] = None
     seed: int = 0
+    cascade_width: Optional[int] = None
+    rescore: Optional[int] = None
     name = 'adaptive'
 
     def __post_init__(self):
@@ -201,6 +219,10 @@ class Adaptive:
         check_int('refreshes', self.refreshes, 0)
         _check_optional('stop_k', self.stop_k)
         _check_seed(self.seed)
+        _check_optional('cascade_width', self.cascade_width)
+        _check_optional('rescore', self.rescore)
+        if self.rescore is not None and self.cascade_width is None:
+            raise ValueError('rescore sets how many narrow candidates a cascade re-scores: give cascade_width too')
 
     @property
     def needs_graph(self) -> bool:
@@ -214,16 +236,25 @@ class Adaptive:
         return dataclasses.replace(self, seed=self.seed + shard_no)
 
     def search(self, qnets: QNets, corpus: Corpus, k: int) -> SearchResult:
+        if self.cascade_width is None:
+            return self._rounds(qnets, corpus, k, self.stop_k)
+        # The rounds run narrow and stop on the narrow top k; their best `rescore` are the full-width candidates.
+        narrow = qnets.truncate(self.cascade_width)
+        found = self._rounds(narrow, corpus, max(k, self.rescore or 2 * k), self.stop_k or k)
+        scores, ids, n_full = rescore(qnets, corpus.vectors, found.ids, k)
+        return SearchResult(scores, ids, n_full, found.n_scored, found.n_inner, found.n_iter)
+
+    def _rounds(self, qnets: QNets, corpus: Corpus, k: int, stop_k: Optional[int]) -> SearchResult:
         if self.uses_ann(corpus.has_ann):
             result = pooled_search(qnets, corpus.vectors, corpus.ann(), k, n_sample=self.n_sample, pool=self.pool,
                                    n_entry=self.n_entry, max_rounds=self.max_rounds, refreshes=self.refreshes,
-                                   stop_k=self.stop_k, max_scored=self.max_scored, seed=self.seed)
+                                   stop_k=stop_k, max_scored=self.max_scored, seed=self.seed)
         else:
             result = adaptive_search(qnets, corpus.vectors, corpus.edges() if self.expand else None, k,
                                      n_sample=self.n_sample, n_entry=self.n_entry, max_rounds=self.max_rounds,
-                                     expand=self.expand, ef=self.ef, max_scored=self.max_scored, stop_k=self.stop_k,
+                                     expand=self.expand, ef=self.ef, max_scored=self.max_scored, stop_k=stop_k,
                                      seed=self.seed, ip_index=corpus.exact_ip())
-        return SearchResult(result.scores, result.ids, result.n_scored)
+        return SearchResult(result.scores, result.ids, result.n_scored, None, result.n_inner, result.n_iter)
 
 
 @dataclass(frozen=True)
@@ -252,7 +283,7 @@ class Surrogate:
     def search(self, qnets: QNets, corpus: Corpus, k: int) -> SearchResult:
         result = surrogate_search(qnets, corpus.vectors, k, n_sample=self.n_sample, n_entry=self.n_entry,
                                   seed=self.seed, ip_index=corpus.exact_ip())
-        return SearchResult(result.scores, result.ids, result.n_scored)
+        return SearchResult(result.scores, result.ids, result.n_scored, None, result.n_inner, result.n_iter)
 
 
 SearchMode = Union[Exhaustive, GraphWalk, Adaptive, Surrogate]

@@ -1,13 +1,13 @@
 """Adaptive search at scale: linear surrogates over a candidate pool drawn from an inner-product ANN index.
 
-:func:`~pyterrier_hypencoder.walk.adaptive_search` refits a surrogate and asks for its best unseen documents every
+:func:`~pyterrier_hypencoder.search.adaptive.adaptive_search` refits a surrogate and asks for its best unseen documents every
 round, which is exact but touches the whole corpus each time (an inner-product GEMM over all ``n`` documents, a
 ``[queries, n]`` mask and a top-k over ``n``). :func:`pooled_search` keeps every per-round step inside a pool:
 
 1. **Sample.** Score ``n_sample`` random documents (shared by all queries: one :meth:`QNets.score` call) and fit
    each query a ridge-regression surrogate ``score ~ w . x + b``. Cost: ``n_sample`` q-net evaluations, independent
    of ``n``.
-2. **Pool.** Ask an approximate inner-product index (:class:`~pyterrier_hypencoder.surrogate.InnerProductIndex`
+2. **Pool.** Ask an approximate inner-product index (:class:`~pyterrier_hypencoder.search.ip_index.InnerProductIndex`
    with HNSW, built once with the index) for each surrogate's top ``pool`` documents. Cost: one HNSW search with a
    beam of ``pool``, about ``pool * M * log(n)`` inner products.
 3. **Rounds.** Rank the unscored pool documents by the current surrogate (``pool`` inner products, no corpus
@@ -160,8 +160,8 @@ def pooled_search(qnets: QNets, vectors: VectorsLike, ip_index: InnerProductInde
         pool: documents drawn from the ANN index per draw (the HNSW beam is at least this wide).
         n_entry: pool documents scored per round: the surrogate's best among those not scored yet. None (default):
             the whole pool, so a draw is scored in one round of large GEMMs and the surrogate only has to bring the
-            right documents into the pool (at 906,627 documents, 64 per round missed more of the top 10 and cost
-            more per query in per-round overhead than the extra documents scored).
+            right documents into the pool (smaller rounds missed more of the top 10 and cost more per query in
+            per-round overhead than the extra documents scored: ``docs/million-documents.md``).
         max_rounds: most rounds per query.
         refreshes: fresh pools a query may draw with its refitted surrogate once its rounds stop improving.
         stop_k: a round "improves" when it adds to the top ``stop_k`` (default ``k``; at most ``k``).
@@ -170,7 +170,7 @@ def pooled_search(qnets: QNets, vectors: VectorsLike, ip_index: InnerProductInde
         seed: seed of the random sample; results are deterministic given it.
 
     Returns:
-        A :class:`~pyterrier_hypencoder.walk.WalkResult` (``n_inner``: inner products, ANN and pool;
+        A :class:`~pyterrier_hypencoder.search.adaptive.WalkResult` (``n_inner``: inner products, ANN and pool;
         ``n_iter``: rounds).
 
     Raises:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import List, Optional
 
 import ir_measures
 import pyterrier as pt
+import torch
 
 from ..model.checkpoint import CheckpointError, read_json, resolve_folder
 from ..model.hypencoder import Hypencoder
@@ -17,6 +19,7 @@ from . import data as D
 from .biencoder import FORMAT_NAME as DOT_FORMAT
 from .biencoder import DotEncoder
 from .config import TrainConfig
+from .datasets import BeirSplit, as_dataset, dataset_docs, dataset_topics, is_beir_folder, pisa_bm25, split_topics
 from .evaluation import ModelScorer, exhaustive_retrieve
 from .run_folder import RunSettingsError, check_output, check_resume
 from .trainer import Trainer
@@ -62,12 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument('--head', choices=['hypencoder', 'dot'], default='hypencoder',
                    help='hypencoder: q-nets from a hyperhead; dot: BE-Base, inner product with a query projection '
                         '(default: %(default)s)')
-    m.add_argument('--qnet-layers', type=int, default=2,
-                   help='q-net depth, hidden blocks + final matrix as in the paper (default: %(default)s)')
-    m.add_argument('--warm-start', action='store_true',
-                   help='hypencoder head: start the q-nets at the backbone\'s own cosine similarity instead of the '
-                        'paper\'s random initialisation (see warm_start_hypencoder; use with --pooling mean on '
-                        'sentence-transformers encoders); recommended for head-only training on small data')
+    m.add_argument('--qnet-layers', type=int, default=6,
+                   help='q-net depth, hidden blocks + final matrix as in the paper (default: %(default)s, as '
+                        'Hypencoder.from_backbone and the released 6-layer model)')
+    m.add_argument('--warm-start', action=argparse.BooleanOptionalAction, default=None,
+                   help='hypencoder head from --backbone: start the q-nets at the backbone\'s own similarity '
+                        '(warm_start_hypencoder; suits --pooling mean on sentence-transformers encoders) instead of '
+                        'the paper\'s random initialisation, which ranks at chance until trained (default: on for '
+                        'head-only training, where small data cannot teach a random head what the backbone knows; '
+                        'off with --full, the paper\'s recipe; --head dot and --init models have no new q-nets to '
+                        'start)')
     m.add_argument('--pooling', choices=['cls', 'mean'],
                    help='document vector pooling; cls is the paper\'s, mean suits sentence-transformers encoders '
                         '(default: the pooling of a sentence-transformers --backbone, else cls)')
@@ -79,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     d = p.add_argument_group('training data (one of --train / --train-data)')
     data = d.add_mutually_exclusive_group(required=True)
     data.add_argument('--train', metavar='DATASET',
-                      help='a PyTerrier dataset with topics and qrels, e.g. irds:beir/scifact/train: BM25 '
-                           '(pyterrier-pisa) over its corpus gives candidates (negatives), qrels the positives')
+                      help='a PyTerrier dataset with topics and qrels, e.g. irds:beir/scifact/train, or a BEIR-layout '
+                           'folder (corpus.jsonl, queries.jsonl, qrels/train.tsv): BM25 (pyterrier-pisa) over its '
+                           'corpus gives candidates (negatives), qrels the positives')
     data.add_argument('--train-data', metavar='FILE',
                       help='.jsonl/.tsv/.parquet with qid, query, docno, text and label and/or score (teacher)')
     d.add_argument('--fields', nargs='+', default=['title', 'text'],
@@ -97,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     v = p.add_argument_group('dev set (best checkpoint selection)')
     dev = v.add_mutually_exclusive_group()
     dev.add_argument('--dev', metavar='DATASET', help='a dataset split whose whole corpus is ranked, e.g. '
-                                                      'irds:beir/nfcorpus/dev')
+                                                      'irds:beir/nfcorpus/dev, or a BEIR-layout folder (its '
+                                                      'qrels/dev.tsv)')
     dev.add_argument('--dev-fraction', type=float,
                      help='hold out this fraction of the --train queries as the dev set (their corpus is ranked)')
     dev.add_argument('--dev-data', metavar='FILE',
@@ -105,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
                           'all documents of the file')
     v.add_argument('--metric', default='Rprec', help='dev measure to maximise (ir_measures name; default: %(default)s)')
     v.add_argument('--eval-every', type=int, default=0, help='evaluate every N steps (default: only at the end)')
-    v.add_argument('--test', metavar='DATASET', help='after training, evaluate the final model on this split')
+    v.add_argument('--test', metavar='DATASET', help='after training, evaluate the final model on this split (a '
+                                                     'dataset, or a BEIR-layout folder: its qrels/test.tsv)')
     v.add_argument('--test-metrics', nargs='+', default=['nDCG@10', 'Rprec', 'R@100'],
                    help='measures reported on --test (default: %(default)s)')
 
@@ -129,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument('--temperature', type=float, help='cross-entropy temperature (default: 0.05 cosine, else 1)')
     o.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     o.add_argument('--no-bf16', action='store_true', help='disable bf16 autocast on CUDA')
+    o.add_argument('--threads', type=int,
+                   help='CPU threads for torch and BM25 (default: torch\'s own, one per core; fewer helps on a '
+                        'machine shared with other jobs)')
+    o.add_argument('--matryoshka-widths', type=_widths, metavar='W1,W2,...',
+                   help='train nested q-net widths (the Matryoshka Hypencoder), e.g. 48,96,192,384: the loss is summed '
+                        'over the q-nets cut to each width; a new hypencoder then has no q-net residuals (default: the '
+                        'widths of an --init Matryoshka model, else none)')
 
     out = p.add_argument_group('output')
     out.add_argument('--output', required=True, help='output folder')
@@ -152,13 +169,18 @@ def _load_model(args):
         return DotEncoder.from_backbone(args.backbone, pooling=args.pooling, normalize=args.normalize,
                                         query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
                                         device=args.device)
-    if args.warm_start:
+    if _warm_start(args):
         return warm_start_hypencoder(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
                                      query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
                                      seed=args.seed, device=args.device)
     return Hypencoder.from_backbone(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
                                     query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
-                                    seed=args.seed, device=args.device)
+                                    matryoshka_widths=args.matryoshka_widths or (), seed=args.seed, device=args.device)
+
+
+def _warm_start(args) -> bool:
+    """--warm-start as given, else on for head-only training (a random head ranks at chance until trained)."""
+    return args.warm_start if args.warm_start is not None else not args.full
 
 
 def _teacher(args):
@@ -169,6 +191,17 @@ def _teacher(args):
                                                     query_projection=False, query_max_length=args.query_max_length,
                                                     doc_max_length=args.doc_max_length, device=args.device))
     return ModelScorer.from_pretrained(args.teacher, device=args.device)
+
+
+def _widths(text: str) -> tuple:
+    """``--matryoshka-widths 48,96,192,384`` as a tuple of ints."""
+    try:
+        widths = tuple(int(w) for w in text.split(','))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f'expected comma-separated q-net widths >= 1, e.g. 48,96,192,384; got {text!r}')
+    return widths
 
 
 def _looks_local(name: str) -> bool:
@@ -184,8 +217,12 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f'--dev-fraction must be between 0 and 1; got {args.dev_fraction}')
     if args.normalize and args.head != 'dot':
         p.error('--normalize applies to --head dot only')
+    if args.matryoshka_widths and args.head == 'dot':
+        p.error('--matryoshka-widths trains nested q-nets: it applies to --head hypencoder only')
     if args.teacher == 'backbone' and not args.backbone:
         p.error('--teacher backbone needs --backbone')
+    if args.threads is not None and args.threads < 1:
+        p.error(f'--threads must be >= 1; got {args.threads}')
     formats = ('.jsonl', '.json', '.tsv', '.txt', '.parquet')  # what load_frame reads
     for option, value in (('--train-data', args.train_data), ('--dev-data', args.dev_data)):
         if value and not Path(value).is_file():
@@ -205,7 +242,19 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(str(e))
     # Names of datasets and measures, not only of files: a typo in --test would otherwise surface after training.
     for option, name in (('--train', args.train), ('--dev', args.dev), ('--test', args.test)):
-        if name:
+        if not name:
+            continue
+        if Path(name).expanduser().is_dir():
+            if not is_beir_folder(name):
+                p.error(f'{option} {name}: a folder, but not in the BEIR layout (corpus.jsonl, queries.jsonl, '
+                        'qrels/<split>.tsv)')
+            try:
+                _split(name, option).check_split()
+            except FileNotFoundError as e:
+                p.error(f'{option} {name}: {e}')
+        elif name.startswith(('.', '/', '~')):
+            p.error(f'{option} {name}: no such folder ({Path(name).expanduser().absolute()})')
+        else:
             try:
                 pt.get_dataset(name)
             except KeyError as e:
@@ -217,13 +266,19 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f'--test-metrics: {measure!r} is not an ir_measures measure (e.g. nDCG@10, Rprec, R@100)')
 
 
+def _split(name: str, option: str):
+    """The dataset an option names: a PyTerrier dataset, or the option's split of a BEIR-layout folder."""
+    split = {'--train': 'train', '--dev': 'dev', '--test': 'test'}[option]
+    return BeirSplit(name, split) if Path(name).expanduser().is_dir() else as_dataset(name)
+
+
 def _config(args) -> TrainConfig:
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, num_negatives=args.negatives, lr=args.lr, head_lr=args.head_lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule, grad_clip=args.grad_clip,
         loss=args.loss, in_batch=not args.no_in_batch, temperature=args.temperature, head_only=not args.full,
         seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, metric=args.metric,
-        bf16=not args.no_bf16)
+        bf16=not args.no_bf16, matryoshka_widths=args.matryoshka_widths)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -245,20 +300,41 @@ def _run(args, config: TrainConfig) -> int:
     output = Path(args.output)
     if args.resume:  # the options are compared now; the model and data when training starts
         check_resume(output, {'config': asdict(config)}, partial=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
+    trainer = None
+    try:
+        trainer = _prepare(args, config, output)
+        model = trainer.train(resume_from=True if args.resume else None)
+    except BaseException:
+        # A run that stops before its first step leaves nothing worth keeping: no folder of its own behind.
+        if created and (trainer is None or trainer.state.step == 0):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    model.save_pretrained(output / 'final')
+    return _finish(args, config, trainer, model, output)
+
+
+def _prepare(args, config: TrainConfig, output: Path) -> Trainer:
+    """The model, the training data and the dev set, in a trainer (nothing trained yet)."""
     verbose = not args.quiet
     model = _load_model(args)
 
     dev = None
     train_topics = None
     if args.train:
-        train_topics = D.dataset_topics(args.train, args.topics_variant)
-        corpus = D.dataset_docs(args.train, args.fields, verbose=verbose)
-        qrels = pt.get_dataset(args.train).get_qrels()
+        train = _split(args.train, '--train')
+        train_topics = dataset_topics(train, args.topics_variant)
+        corpus = dataset_docs(train, args.fields, verbose=verbose)
+        qrels = train.get_qrels()
         if args.dev_fraction:
-            train_topics, dev_topics = D.split_topics(train_topics, args.dev_fraction, seed=args.seed)
+            train_topics, dev_topics = split_topics(train_topics, args.dev_fraction, seed=args.seed)
             dev = D.DevSet(dev_topics, qrels, corpus)
-        bm25 = D.pisa_bm25(corpus, args.pisa_index or output / 'bm25.pisa')
+        # Punctuation is taken out of the queries BM25 sees: PISA's query parser rejects some (c++, x.org).
+        bm25 = pisa_bm25(corpus, args.pisa_index or output / 'bm25.pisa', threads=args.threads or 1,
+                         strip_punctuation=True)
         frame = D.build_training_data(train_topics, qrels, bm25, corpus,
                                       num_candidates=args.candidates, teacher=_teacher(args), verbose=verbose)
     else:
@@ -270,7 +346,7 @@ def _run(args, config: TrainConfig) -> int:
     if args.save_train_data:
         D.save_frame(frame, args.save_train_data)
     if args.dev:
-        dev = D.DevSet.from_dataset(args.dev, fields=args.fields, topics_variant=args.topics_variant)
+        dev = D.DevSet.from_dataset(_split(args.dev, '--dev'), fields=args.fields, topics_variant=args.topics_variant)
     if args.dev_data:
         dev = D.DevSet.from_frame(D.load_frame(args.dev_data))
 
@@ -278,15 +354,18 @@ def _run(args, config: TrainConfig) -> int:
                       cache_dir=args.cache_dir or output / 'features')
     if verbose:
         print(trainer, file=sys.stderr)
-    model = trainer.train(resume_from=True if args.resume else None)
-    model.save_pretrained(output / 'final')
+    return trainer
 
+
+def _finish(args, config: TrainConfig, trainer: Trainer, model, output: Path) -> int:
+    """Evaluates the trained model on --test, if given, and prints the summary."""
+    verbose = not args.quiet
     summary = {'final': str(output / 'final'), 'best_step': trainer.state.best_step,
                f'dev_{args.metric}': trainer.state.best_metric}
     if args.test:
-        test = pt.get_dataset(args.test)
-        topics = D.dataset_topics(test, args.topics_variant)
-        docs = D.dataset_docs(test, args.fields, verbose=verbose)
+        test = _split(args.test, '--test')
+        topics = dataset_topics(test, args.topics_variant)
+        docs = dataset_docs(test, args.fields, verbose=verbose)
         vectors = trainer.frozen_doc_vectors(docs['text'].tolist()) if config.head_only else \
             model.encode_docs(docs['text'].tolist(), verbose=verbose)
         run = exhaustive_retrieve(model, topics, vectors, docs['docno'].tolist())

@@ -1,8 +1,9 @@
 """Training options (:class:`TrainConfig`) and the learning-rate schedule."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 __all__ = ['TrainConfig', 'default_temperature', 'lr_factor']
 
@@ -46,6 +47,13 @@ class TrainConfig:
         log_every: steps between loss log entries.
         bf16: bf16 autocast on CUDA (ignored on CPU).
         encode_batch_size: texts per forward pass when encoding.
+        matryoshka_widths: nested q-net widths to train (Hypencoders only), e.g. ``(48, 96, 192, 384)``: each step
+            scores the batch with the q-nets cut to each width (:meth:`~pyterrier_hypencoder.QNets.truncate`) and
+            sums the losses (the Matryoshka Hypencoder's code divides the sum by the number of widths: a constant
+            factor, which AdamW all but ignores). The full width is trained only if listed. The model is declared
+            nested at these widths (``model.set_matryoshka_widths``), so it saves as a Matryoshka checkpoint.
+            None (default): the model's own ``matryoshka_widths``, which are empty (train the full q-net only) for
+            an original Hypencoder and keep a Matryoshka checkpoint nested. Dev evaluation scores full q-nets.
     """
     steps: int = 1000
     batch_size: int = 32
@@ -70,6 +78,7 @@ class TrainConfig:
     log_every: int = 10
     bf16: bool = True
     encode_batch_size: int = 32
+    matryoshka_widths: Optional[Sequence[int]] = None
 
     def __post_init__(self):
         if self.schedule not in ('constant', 'linear'):
@@ -88,6 +97,13 @@ class TrainConfig:
         if not isinstance(self.hidden_lr_scale, (int, float)) or not self.hidden_lr_scale > 0:
             raise ValueError(f'hidden_lr_scale must be a number > 0 (1 trains all of the head alike); '
                              f'got {self.hidden_lr_scale!r}')
+        if self.matryoshka_widths is not None:
+            widths = self.matryoshka_widths
+            if isinstance(widths, (str, bytes)) or not hasattr(widths, '__iter__') or not len(widths) or any(
+                    isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in widths):
+                raise ValueError(f'matryoshka_widths must be a non-empty list of q-net widths >= 1, e.g. [48, 96, 192, '
+                                 f'384] (or None for the model\'s own); got {widths!r}')
+            self.matryoshka_widths = tuple(sorted(set(int(w) for w in widths)))
         import ir_measures
         try:
             ir_measures.parse_measure(self.metric)

@@ -1,11 +1,19 @@
-"""Where training and evaluation data come from: PyTerrier datasets, BEIR-layout folders, and BM25 over them."""
+"""Where training and evaluation data come from: PyTerrier datasets, BEIR-layout folders, and BM25 over them.
+
+Wherever a dataset is taken (:func:`as_dataset`, and so the training command line's ``--train``, ``--dev`` and
+``--test``), a BEIR-layout folder serves as well as a PyTerrier dataset name: :class:`BeirSplit` reads one split
+of it (its ``qrels/<split>.tsv``) as a PyTerrier dataset, e.g. ``../shared/datasets/debian-packages``, which
+ir_datasets does not know.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+from functools import cached_property
 from pathlib import Path
-from typing import Dict, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -13,12 +21,127 @@ import pyterrier as pt
 
 from ..optional import require
 
-__all__ = ['BeirFolder', 'as_dataset', 'dataset_docs', 'dataset_topics', 'pisa_bm25', 'read_beir_folder', 'split_topics']
+__all__ = ['BeirFolder', 'BeirSplit', 'as_dataset', 'dataset_docs', 'dataset_topics', 'is_beir_folder', 'pisa_bm25',
+           'read_beir_folder', 'split_topics']
+
+_BEIR_FILES = ('corpus.jsonl', 'queries.jsonl', 'qrels')
 
 
-def as_dataset(dataset):
-    """``dataset`` itself, or the PyTerrier dataset of that name (e.g. ``'irds:beir/scifact/test'``)."""
+def is_beir_folder(name) -> bool:
+    """Whether ``name`` is a folder in the BEIR layout (``corpus.jsonl``, ``queries.jsonl``, ``qrels/``)."""
+    if not isinstance(name, (str, os.PathLike)):
+        return False
+    folder = Path(name).expanduser()
+    return folder.is_dir() and all((folder / f).exists() for f in _BEIR_FILES)
+
+
+def as_dataset(dataset, split: str = 'test'):
+    """``dataset`` itself, the PyTerrier dataset of that name (e.g. ``'irds:beir/scifact/test'``), or ``split`` of a
+    BEIR-layout folder (:class:`BeirSplit`).
+
+    Raises:
+        KeyError: for a name that is neither a dataset PyTerrier knows nor a BEIR-layout folder (PyTerrier's message).
+        FileNotFoundError: for a folder that is not in the BEIR layout.
+    """
+    if isinstance(dataset, os.PathLike) or (isinstance(dataset, str) and Path(dataset).expanduser().is_dir()):
+        return BeirSplit(dataset, split)
     return pt.get_dataset(dataset) if isinstance(dataset, str) else dataset
+
+
+class BeirSplit(pt.datasets.Dataset):
+    """One split of a BEIR-layout folder as a PyTerrier dataset: topics and qrels of ``qrels/<split>.tsv``, the
+    folder's whole corpus.
+
+    Layout: ``corpus.jsonl`` (rows ``_id, title, text``), ``queries.jsonl`` (``_id, text``) and
+    ``qrels/<split>.tsv`` (``query-id, corpus-id, score`` with a header), as BEIR distributes its collections and
+    as ``../shared/datasets/debian-packages`` is laid out.
+
+    Example::
+
+        train = BeirSplit('../shared/datasets/debian-packages', 'train')
+        train.get_topics()       # qid, query: the queries judged in qrels/train.tsv
+        train.get_corpus_iter()  # {'docno', 'title', 'text'} dicts
+    """
+
+    def __init__(self, folder: Union[str, os.PathLike], split: str = 'test'):
+        """
+        Args:
+            folder: the BEIR-layout folder.
+            split: the qrels file to use, ``qrels/<split>.tsv``.
+
+        Raises:
+            FileNotFoundError: naming the layout file that is missing. A missing split is reported when its topics
+                or qrels are asked for (or by :meth:`check_split`).
+        """
+        self.folder = Path(folder).expanduser().absolute()
+        self.split = split
+        for name in _BEIR_FILES:
+            if not (self.folder / name).exists():
+                raise FileNotFoundError(f'{self.folder / name} is missing: {self.folder} is not a BEIR-layout folder '
+                                        '(corpus.jsonl, queries.jsonl, qrels/<split>.tsv)')
+
+    def check_split(self) -> None:
+        """Raises a FileNotFoundError, naming the splits the folder has, unless it has this one (the corpus alone
+        needs none)."""
+        if not (self.folder / 'qrels' / f'{self.split}.tsv').exists():
+            have = sorted(p.stem for p in (self.folder / 'qrels').glob('*.tsv'))
+            raise FileNotFoundError(f'{self.folder} has no {self.split} split (no qrels/{self.split}.tsv); it has {have}')
+
+    def __repr__(self) -> str:
+        return f'BeirSplit({str(self.folder)!r}, {self.split!r})'
+
+    def __str__(self) -> str:
+        return f'{self.folder} ({self.split})'
+
+    @cached_property
+    def _qrels(self) -> pd.DataFrame:
+        self.check_split()
+        q = pd.read_csv(self.folder / 'qrels' / f'{self.split}.tsv', sep='\t', dtype={'query-id': str, 'corpus-id': str})
+        return pd.DataFrame({'qid': q['query-id'], 'docno': q['corpus-id'], 'label': q['score'].astype(int)})
+
+    def get_topics(self, variant: Optional[str] = None) -> pd.DataFrame:
+        """The queries judged in this split, as ``qid, query`` (``variant`` may only be ``text``, the one field)."""
+        if variant not in (None, 'text', 'query'):
+            raise ValueError(f'{self!r} has one query field, text; got the topics variant {variant!r}')
+        queries = pd.read_json(self.folder / 'queries.jsonl', lines=True, dtype={'_id': str})
+        queries = pd.DataFrame({'qid': queries['_id'], 'query': queries['text']})
+        return queries[queries['qid'].isin(set(self._qrels['qid']))].reset_index(drop=True)
+
+    def get_qrels(self, variant: Optional[str] = None) -> pd.DataFrame:
+        """This split's judgements, ``qid, docno, label``."""
+        return self._qrels.copy()
+
+    def _documents(self):
+        with open(self.folder / 'corpus.jsonl', encoding='utf-8') as f:
+            for line in f:
+                if line.strip():
+                    d = json.loads(line)
+                    yield {'docno': str(d['_id']), 'title': d.get('title') or '', 'text': d.get('text') or ''}
+
+    def get_corpus_iter(self, *, verbose: bool = True):
+        """The corpus as ``{'docno', 'title', 'text'}`` dicts, in file order (with a progress bar when ``verbose``)."""
+        if not verbose:
+            return self._documents()
+        with open(self.folder / 'corpus.jsonl', 'rb') as f:
+            total = sum(1 for line in f if line.strip())
+        return pt.tqdm(self._documents(), total=total, desc=f'{self.folder.name} documents', unit='doc')
+
+    def text_loader(self, fields: Union[str, Sequence[str]] = 'text', **kwargs) -> pt.Transformer:
+        """A transformer adding the documents' ``fields`` (``title``, ``text``) by ``docno``, as ir_datasets' does."""
+        fields: List[str] = [fields] if isinstance(fields, str) else list(fields)
+        unknown = sorted(set(fields) - {'title', 'text'})
+        if unknown:
+            raise ValueError(f'{self!r} documents have the fields title and text; got {unknown}')
+        table = pd.DataFrame(self._documents()).set_index('docno')[fields]
+
+        def add(frame: pd.DataFrame) -> pd.DataFrame:
+            missing = set(frame['docno'].astype(str)) - set(table.index)
+            if missing:
+                raise KeyError(f'{len(missing)} docnos are not in {self.folder / "corpus.jsonl"}, e.g. {sorted(missing)[:5]}')
+            docnos = frame['docno'].astype(str)
+            return frame.assign(**{f: docnos.map(table[f]) for f in fields})
+
+        return pt.apply.generic(add)
 
 
 def dataset_topics(dataset, variant: Optional[str] = None) -> pd.DataFrame:

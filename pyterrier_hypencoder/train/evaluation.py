@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -46,7 +46,7 @@ def results_frame(topics: pd.DataFrame, docnos: Sequence[str], scores: np.ndarra
 
 @torch.no_grad()
 def exhaustive_retrieve(model: Model, topics: pd.DataFrame, doc_vectors: torch.Tensor, docnos: Sequence[str], *,
-                        num_results: int = 1000, batch_size: int = 64) -> pd.DataFrame:
+                        num_results: int = 1000, batch_size: int = 64, width: Optional[int] = None) -> pd.DataFrame:
     """Ranks every document for every query in memory: a PyTerrier results frame.
 
     Args:
@@ -56,6 +56,7 @@ def exhaustive_retrieve(model: Model, topics: pd.DataFrame, doc_vectors: torch.T
         docnos: the documents' docnos, in ``doc_vectors`` order.
         num_results: documents kept per query.
         batch_size: queries encoded and scored at once.
+        width: a Matryoshka Hypencoder's q-nets cut to this width (one of ``model.matryoshka_widths``).
 
     Returns:
         ``qid, query, docno, score, rank``.
@@ -66,6 +67,8 @@ def exhaustive_retrieve(model: Model, topics: pd.DataFrame, doc_vectors: torch.T
     if not len(topics):
         return pd.DataFrame({'qid': [], 'query': [], 'docno': [], 'score': [], 'rank': []})
     reps = model.encode_queries(topics['query'].tolist(), batch_size=batch_size)
+    if width is not None:
+        reps = reps.truncate(width)
     scores, rows = rank_rows(lambda sl, d: model.score_all(reps[sl], d), len(topics), doc_vectors.to(model.device),
                          num_results, batch_size)
     return results_frame(topics, docnos, scores, rows)

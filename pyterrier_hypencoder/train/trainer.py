@@ -7,6 +7,9 @@ It trains a :class:`~pyterrier_hypencoder.Hypencoder` or a :class:`~pyterrier_hy
   once (and optionally cached on disk), and only the hyperhead (or the DotEncoder's query projection) learns;
   this runs on a CPU in minutes; or
 - fully (``head_only=False``): the backbone learns too, with bf16 autocast on CUDA.
+
+Either way a Hypencoder can be trained nested (``TrainConfig(matryoshka_widths=...)``, the Matryoshka Hypencoder):
+each step's loss is summed over the q-nets cut to each width, all scored on the same batch.
 """
 from __future__ import annotations
 
@@ -103,6 +106,7 @@ class Trainer:
         self.lr = self.config.lr
         if self.lr is None:
             self.lr = 2e-5 if not self.config.head_only else model.default_head_lr
+        self.widths = self._matryoshka_widths()
         self._train_docs: Optional[torch.Tensor] = None
         self._train_queries: Optional[List[torch.Tensor]] = None
         self._dev_docs: Optional[torch.Tensor] = None
@@ -112,9 +116,21 @@ class Trainer:
     def __repr__(self) -> str:
         kind = type(self.model).__name__
         mode = 'head-only' if self.config.head_only else 'full'
-        return f'Trainer({kind}, {mode}, loss={self.loss_name!r}, {self.groups!r})'
+        widths = f', matryoshka_widths={list(self.widths)}' if self.widths else ''
+        return f'Trainer({kind}, {mode}, loss={self.loss_name!r}{widths}, {self.groups!r})'
 
     # ---- setup ----------------------------------------------------------------------------------------------
+
+    def _matryoshka_widths(self) -> tuple:
+        """The widths whose losses each step sums (empty: the full q-nets alone); declares the model nested at them."""
+        widths = self.config.matryoshka_widths
+        if widths is None:
+            return tuple(getattr(self.model, 'matryoshka_widths', ()))
+        if not hasattr(self.model, 'set_matryoshka_widths'):
+            raise ValueError(f'matryoshka_widths trains nested q-nets, which a {type(self.model).__name__} does not have; '
+                             'train a Hypencoder, or leave matryoshka_widths unset')
+        self.model.set_matryoshka_widths(widths)  # a ValueError names widths the q-nets cannot take
+        return tuple(widths)
 
     def _head_parameters(self) -> List[torch.nn.Parameter]:
         head = self.model.trainable_head
@@ -169,7 +185,8 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
 
-    def _scores(self, batch):
+    def _reps_and_docs(self, batch):
+        """The batch's query representations (q-nets) and its ``[B, 1 + negatives, dim]`` document vectors."""
         device = self.model.device
         if self.config.head_only:
             states, mask = pad_states([self._train_queries[i] for i in batch.query_index.tolist()])
@@ -181,12 +198,23 @@ class Trainer:
             texts = [self.groups.doc_texts[i] for i in batch.doc_index.reshape(-1).tolist()]
             d = self.model.tokenize(texts, self.model.doc_max_length)
             docs = self.model.doc_vectors(d['input_ids'], d['attention_mask']).view(*batch.doc_index.shape, -1)
-        group = self.model.score_pairs(reps, docs)
-        in_batch = self.model.score_all(reps, docs[:, 0])
-        return group, in_batch
+        return reps, docs
+
+    def _losses(self, batch) -> List[torch.Tensor]:
+        """The batch's loss at each of ``self.widths`` (the q-nets cut to it), or of the full q-nets without widths."""
+        reps, docs = self._reps_and_docs(batch)
+        if not self.widths:
+            return [self._loss_of(reps, docs, batch)]
+        return [self._loss_of(reps.truncate(w), docs, batch) for w in self.widths]
 
     def _loss(self, batch) -> torch.Tensor:
-        group, in_batch = self._scores(batch)
+        """The training loss of a batch: summed over the Matryoshka widths when there are any."""
+        losses = self._losses(batch)
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+
+    def _loss_of(self, reps, docs: torch.Tensor, batch) -> torch.Tensor:
+        group = self.model.score_pairs(reps, docs)
+        in_batch = self.model.score_all(reps, docs[:, 0])
         ignore = batch.ignore.to(group.device)
         if self.loss_name == 'distill':
             return distillation_loss(group.float(), batch.teacher.to(group.device), in_batch.float(), ignore,
@@ -354,11 +382,14 @@ class Trainer:
         self._train_mode()
         bar = pt.tqdm(total=cfg.steps, initial=self.state.step, desc='training', unit='step', disable=not self.verbose)
         running: List[float] = []
+        running_widths: List[List[float]] = []
         while self.state.step < cfg.steps:
             batch = self.groups.batch(sampler.next(cfg.batch_size), cfg.num_negatives, negatives)
             with self._autocast():
-                loss = self._loss(batch)
-            value = loss.item()  # one device-to-host sync per step, for the check and the log
+                parts = self._losses(batch)
+                loss = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+            # one device-to-host sync per step, for the check and the log
+            value, *by_width = torch.stack([loss] + parts).detach().tolist() if self.widths else [loss.item()]
             if not math.isfinite(value):
                 raise FloatingPointError(f'the loss became {value} at step {self.state.step}; lower the learning '
                                          f'rate (now {self.lr}) or enable gradient clipping')
@@ -369,13 +400,19 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
+            if hasattr(self.model, 'head_trained'):
+                self.model.head_trained = True  # trained now: no "untrained q-nets" warning (checkpoints say so)
             running.append(value)
+            running_widths.append(by_width)
             bar.update(1)
             if self.state.step % cfg.log_every == 0 or self.state.step == cfg.steps:
                 mean = float(np.mean(running))
-                self.state.history.append({'step': self.state.step, 'loss': mean, 'lr': scheduler.get_last_lr()[0]})
+                entry = {'step': self.state.step, 'loss': mean, 'lr': scheduler.get_last_lr()[0]}
+                if self.widths:  # each width's mean loss, keyed by width (JSON keys are strings)
+                    entry['loss_by_width'] = {str(w): float(v) for w, v in zip(self.widths, np.mean(running_widths, 0))}
+                self.state.history.append(entry)
                 bar.set_postfix(loss=f'{mean:.4f}')
-                running = []
+                running, running_widths = [], []
             if self.dev is not None and cfg.eval_every and self.state.step % cfg.eval_every == 0:
                 self._log_eval()
                 self._train_mode()

@@ -1,6 +1,8 @@
 """Warm starts: Hypencoders whose q-nets begin as a similarity that is already known to rank well.
 
-- :func:`warm_start_hypencoder`: the backbone's own zero-shot similarity (about the cosine of mean-pooled vectors).
+- :func:`warm_start_hypencoder`: the backbone's own zero-shot similarity: by default the correlation of the mean query
+  state with the standardised document vector, which no rescaling of a document changes (``start='cosine'``: the
+  earlier start, about the cosine, whose residual path also passes the raw vector and so its norm).
 - :func:`warm_start_from_dot`: a trained BE-Base (:class:`~pyterrier_hypencoder.train.DotEncoder`), exactly, so
   that training can only move away from it where the data rewards that.
 """
@@ -31,24 +33,34 @@ _PROBE_TEXTS = (
 )
 
 
+STARTS = ('standardised', 'cosine')
+
+
 def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_layers: int = 2, *, pooling: str = 'mean',
                           query_max_length: int = 64, doc_max_length: int = 512, temperature: float = 0.05,
-                          seed: int = 0, device=None, dtype=None) -> Hypencoder:
+                          start: str = 'standardised', seed: int = 0, device=None, dtype=None) -> Hypencoder:
     """A new Hypencoder whose q-nets start out as the backbone's own similarity, ready for (head-only) training.
 
     A hyperhead initialised at random, as in the paper, first has to rediscover what the pretrained encoder
-    already knows, which a small training set cannot teach it. This warm start begins from it instead:
+    already knows, which a small training set cannot teach it. This warm start begins from it instead. In both
+    starts the first hidden q-net block standardises the document vector (``ReLU(a x + shift)`` passes ``a x``
+    unchanged and the q-net's parameter-free layer norm turns it into ``(x - mean(x)) / std(x)``), and the final
+    q-net matrix attends uniformly over the query's token states and is the standardised mean query state times
+    ``1 / (temperature * dim)``. They differ in how the hidden blocks carry the document on:
 
-    - the first hidden q-net block standardises the document vector (``ReLU(a x + shift)`` passes ``a x``
-      unchanged and the q-net's parameter-free layer norm turns it into ``(x - mean(x)) / std(x)``); further
-      hidden blocks start as the identity (zero generated matrix, residual connection);
-    - the final q-net matrix attends uniformly over the query's token states, and is the standardised mean query
-      state times ``1 / (temperature * dim)``.
+    - ``start='standardised'`` (default): no residual connections (as in the Matryoshka Hypencoder); every further
+      hidden block starts as the identity on standardised vectors (identity matrix, a bias larger than any
+      standardised component, so the ReLU passes it and the layer norm returns it). The initial score is the
+      correlation of the mean query state with the document vector, divided by ``temperature``: positive rescaling
+      of a document vector leaves it unchanged, so long and short documents whose encoder norms differ widely are
+      ranked by direction only. A q-net cannot divide by a document's norm, and this is the start that needs none.
+    - ``start='cosine'``: the earlier start. Every hidden block has a residual connection (``residual_on_last=True``)
+      and further blocks start as the identity through it; the first block's residual adds the raw vector, so the
+      score is about ``cos(mean query state, document vector) / temperature`` plus a term that grows with the
+      document's norm. Among many short distractor documents with other norms it ranks worse
+      (``docs/training.md``).
 
-    The initial score is then close to ``cos(mean query state, document vector) / temperature``: the zero-shot
-    ranking of a sentence-transformers encoder such as all-MiniLM-L6-v2 with ``pooling='mean'``. Every part stays
-    trainable and receives gradients; training moves away from this start wherever the data says so. All hidden
-    blocks get residual connections (``QNetSpec(residual_on_last=True)``), unlike the released models.
+    Every part stays trainable and receives gradients; training moves away from the start wherever the data says so.
 
     Args:
         encoder_name_or_path: a Hugging Face encoder (e.g. all-MiniLM-L6-v2).
@@ -56,17 +68,26 @@ def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_la
         pooling: document pooling; ``mean`` matches sentence-transformers encoders.
         query_max_length: query tokens kept.
         doc_max_length: document tokens kept.
-        temperature: initial scores are about ``cosine / temperature`` (0.05: the usual contrastive scale).
+        temperature: initial scores are about ``similarity / temperature`` (0.05: the usual contrastive scale).
+        start: ``standardised`` (default) or ``cosine``, as above.
         seed: seeds the parts of the head not set here (the attention of the hidden matrices).
         device: where to put the model; None means cuda when available.
         dtype: ``fp32`` (default), ``bf16`` or ``fp16``.
+
+    Raises:
+        ValueError: on ``qnet_layers < 2`` or an unknown ``start``.
     """
     if qnet_layers < 2:
         raise ValueError(f'the warm start needs a hidden q-net block: qnet_layers >= 2, got {qnet_layers}')
+    if start not in STARTS:
+        raise ValueError(f'start must be one of {STARTS}; got {start!r}')
     base = Hypencoder.from_backbone(encoder_name_or_path, qnet_layers=qnet_layers, pooling=pooling,
                                     query_max_length=query_max_length, doc_max_length=doc_max_length, seed=seed,
                                     device='cpu')
-    spec = QNetSpec(vector_dimensions=base.spec.vector_dimensions, residual_on_last=True)
+    if start == 'cosine':
+        spec = QNetSpec(vector_dimensions=base.spec.vector_dimensions, residual_on_last=True)
+    else:
+        spec = QNetSpec(vector_dimensions=base.spec.vector_dimensions, residual=False, residual_on_last=False)
     model = Hypencoder(base.backbone, base.tokenizer, spec, pooling=base.pooling, query_max_length=query_max_length,
                        doc_max_length=doc_max_length, name_or_path=str(encoder_name_or_path))
     model.hyperhead.load_state_dict(base.hyperhead.state_dict())
@@ -78,7 +99,7 @@ def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_la
         states = model.backbone(**enc).last_hidden_state
     doc_gain = 1.0 / float(docs.std(dim=1).mean().clamp(min=1e-6))
     shift = 4.0 * max(float(states.abs().max()), float((docs * doc_gain).abs().max()), 1.0)
-    _warm_start(model.hyperhead, 1.0 / (temperature * model.dim), doc_gain, shift)
+    _warm_start(model.hyperhead, 1.0 / (temperature * model.dim), doc_gain, shift, residual=start == 'cosine')
     return model._place(device, dtype)
 
 
@@ -98,13 +119,19 @@ def _identity_hidden_blocks(head, hidden_bias: float) -> None:
 
 
 @torch.no_grad()
-def _warm_start(head, scale: float, doc_gain: float, shift: float, hidden_bias: float = 1e-2) -> None:
+def _warm_start(head, scale: float, doc_gain: float, shift: float, hidden_bias: float = 1e-2, residual: bool = True) -> None:
     spec = head.spec
     last = len(spec.weight_shapes) - 1
     if head.model_dim != spec.vector_dimensions[0]:
         raise ValueError('the warm start needs the q-net input size to equal the backbone hidden size')
     eye = torch.eye(head.model_dim)
     _identity_hidden_blocks(head, hidden_bias)
+    if not residual:
+        # Without residuals a further block carries the standardised vector z itself: layer_norm(ReLU(z + b)) = z
+        # when b exceeds every |z_i|, and a standardised vector of n components has |z_i| <= sqrt(n - 1).
+        for k in range(1, spec.num_blocks):
+            head.hyper_base_matrices[k].copy_(eye)
+            head.hyper_base_vectors[k].fill_(float(head.model_dim) ** 0.5 + 1.0)
     # first block: ReLU(doc_gain * x + shift) = doc_gain * x + shift, whose layer norm is the standardised x
     head.hyper_base_matrices[0].copy_(eye.unsqueeze(0) * doc_gain)
     head.hyper_base_vectors[0].fill_(shift)

@@ -39,6 +39,10 @@ def main() -> None:
     folder = HERE / 'legacy_index'
     shutil.rmtree(folder, ignore_errors=True)
     HypencoderIndexer(model, folder, neighbours=8, ip_index='hnsw8').index(vaswani_docs(300))
+    # The metadata names the model folder it was built with; keep no machine's absolute path in the repository.
+    meta = json.loads((folder / 'pt_meta.json').read_text())
+    meta['model'] = '../shared/fixtures/hypencoder-parity/tiny_official'
+    (folder / 'pt_meta.json').write_text(json.dumps(meta, indent=1))
     topics = pt.new.queries(QUERIES)
     results = {}
     for name, options in MODES.items():
