@@ -117,9 +117,9 @@ def recall(ids, exact, k: int) -> float:
                           for a, e in zip(ids, exact)]))
 
 
-def rank_quality(ids, docnos, qids, relevant) -> dict:
+def rank_quality(ids, docnos, qids, relevant, per_query: bool = False) -> dict:
     """nDCG@10 and RR@10 of row ids ``ids`` (``docnos[row]`` names a row; -1 is padding) against binary qrels
-    ``relevant`` (qid -> set of docnos)."""
+    ``relevant`` (qid -> set of docnos): their means, or with ``per_query`` one float64 array per measure."""
     ndcg, rr = [], []
     for row, qid in zip(ids, qids):
         gains = [1.0 if i >= 0 and docnos[i] in relevant[qid] else 0.0 for i in row[:10]]
@@ -127,7 +127,19 @@ def rank_quality(ids, docnos, qids, relevant) -> dict:
         ideal = sum(1 / np.log2(r + 2) for r in range(min(10, len(relevant[qid]))))
         ndcg.append(dcg / ideal)
         rr.append(next((1 / (r + 1) for r, g in enumerate(gains) if g), 0.0))
+    if per_query:
+        return {'ndcg@10': np.array(ndcg), 'rr@10': np.array(rr)}
     return {'ndcg@10': float(np.mean(ndcg)), 'rr@10': float(np.mean(rr))}
+
+
+def paired_test(a, b, trials: int = 10000, seed: int = 0) -> float:
+    """Two-sided p-value of a paired randomisation test (sign flips of the per-query differences) that ``a`` and
+    ``b`` (one value per query, same queries) have the same mean; ``(hits + 1) / (trials + 1)``."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    observed = abs(diff.mean())
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(trials, len(diff)))
+    hits = int((np.abs(signs @ diff) / len(diff) >= observed - 1e-12).sum())
+    return (hits + 1) / (trials + 1)
 
 
 def cost(result, field: str) -> Optional[np.ndarray]:
@@ -157,6 +169,13 @@ def read_qrels(folder: Path = DEBIAN, split: str = 'test') -> dict:
         if int(label) > 0:
             relevant.setdefault(qid, set()).add(docno)
     return relevant
+
+
+def debian_test_queries(n: int):
+    """The first ``n`` debian-packages test queries (qrels order): ids, texts and relevant docnos."""
+    texts, relevant = read_queries(), read_qrels(split='test')
+    qids = list(relevant)[:n]
+    return qids, [texts[q] for q in qids], {q: relevant[q] for q in qids}
 
 
 def read_docs(folder: Path = DEBIAN, n: Optional[int] = None) -> list:
@@ -226,9 +245,21 @@ def encode_queries(model, texts):
         return model.encode_queries(texts, batch_size=32)
 
 
+def dot_queries(folder, texts) -> np.ndarray:
+    """The query vectors of an inner-product model saved by ``DotEncoder.save_pretrained`` (e.g. BE-Base), float32."""
+    from pyterrier_hypencoder.train import DotEncoder
+    model = DotEncoder.from_pretrained(folder, device='cpu')
+    model.eval()
+    with torch.inference_mode():
+        return np.ascontiguousarray(model.encode_queries(texts, batch_size=32).float().numpy())
+
+
 def fingerprint(qnets) -> str:
-    """A digest of the q-nets' weights and biases (which queries, which model)."""
+    """A digest of the q-nets' weights and biases, or of an array of query vectors (which queries, which model)."""
     digest = hashlib.sha256()
+    if isinstance(qnets, np.ndarray):
+        digest.update(np.ascontiguousarray(qnets, dtype=np.float32).tobytes())
+        return digest.hexdigest()
     for t in list(qnets.weights) + list(qnets.biases):
         digest.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
     return digest.hexdigest()
@@ -236,20 +267,80 @@ def fingerprint(qnets) -> str:
 
 def ground_truth(name: str, qnets, x, n: int, cache: Path, k: int, batch: int = 32, tag: str = ''):
     """Exhaustive top-``k`` row ids per query and the seconds it took (None when read from the cache, where it is
-    kept per q-net name, size, query count and ``k``, and recomputed when the q-nets' fingerprint changes)."""
-    from pyterrier_hypencoder.search.modes import Corpus, Exhaustive
+    kept per q-net name, size, query count and ``k``, and recomputed when the q-nets' fingerprint changes).
+    ``qnets`` may also be a ``[queries, dim]`` array of query vectors: an inner-product model (e.g. BE-Base, with
+    ``x`` its finished document vectors), ranked exactly by FAISS's flat index."""
     path = Path(cache) / f'gt-{name}-{n}-{len(qnets)}-k{k}{tag}.npy'
     stamp = path.with_suffix('.sha256')
     if path.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(qnets):
         return np.load(path), None
     print(f'  ground truth: {name}, n={n:,}, top {k}', flush=True)
-    corpus, mode = Corpus(x), Exhaustive()
-    with torch.inference_mode():
-        parts, secs = per_batch(lambda q: mode.search(q, corpus, k).ids.numpy(), qnets, batch)
+    if isinstance(qnets, np.ndarray):
+        import faiss
+        flat = faiss.IndexFlatIP(x.shape[1])
+        flat.add(np.ascontiguousarray(x, dtype=np.float32))
+        parts, secs = per_batch(lambda q: flat.search(np.ascontiguousarray(q, dtype=np.float32), k)[1], qnets, batch)
+    else:
+        from pyterrier_hypencoder.search.modes import Corpus, Exhaustive
+        corpus, mode = Corpus(x), Exhaustive()
+        with torch.inference_mode():
+            parts, secs = per_batch(lambda q: mode.search(q, corpus, k).ids.numpy(), qnets, batch)
     ids = np.concatenate(parts)
     np.save(path, ids)
     stamp.write_text(fingerprint(qnets) + '\n')
     return ids, float(secs.sum())
+
+
+# ---- nested corpus subsamples ---------------------------------------------------------------------------------
+
+def size_order(n_total: int, first: np.ndarray, debian: int, seed: int = 0) -> np.ndarray:
+    """Rows in the order subsamples take them: ``first``, then debian's other rows, then the rest (seeded)."""
+    rng = np.random.default_rng(seed)
+    rest_debian = np.setdiff1d(np.arange(debian), first)
+    return np.concatenate([first, rng.permutation(rest_debian), debian + rng.permutation(n_total - debian)])
+
+
+def truth_within(full_ids: np.ndarray, rows: np.ndarray, k: int):
+    """A subsample's exhaustive top-``k`` from the full corpus' top-``k'`` (``k' > k``): the first ``k`` of those the
+    subsample holds, as its local rows. Exact for the queries with at least ``k`` of them (returned as a mask)."""
+    pos = np.searchsorted(rows, full_ids)
+    held = (pos < len(rows)) & (rows[np.minimum(pos, len(rows) - 1)] == full_ids)
+    out = np.full((len(full_ids), k), -1, dtype=np.int64)
+    ok = held.sum(1) >= k
+    for q in np.nonzero(ok)[0]:
+        out[q] = pos[q][held[q]][:k]
+    return out, ok
+
+
+def all_truths(names, qnets, vectors, order, sizes, cache: Path, deep: int, k: int) -> tuple:
+    """Every size's exhaustive top-``k``: the largest size's top-``deep`` computed, smaller sizes' taken from it
+    where exact, computed where not (subsample ``n`` holds rows ``order[:n]``). ``qnets[name]`` is a q-net batch or
+    query vectors (see :func:`ground_truth`); ``vectors`` the document vectors, or ``{name: vectors}``. Returns
+    ``({(name, n): ids}, {name: seconds per query of the computed runs})``."""
+    truths, timing = {}, {}
+    top = max(sizes)
+    for name in names:
+        docs = vectors[name] if isinstance(vectors, dict) else vectors
+        x = np.ascontiguousarray(docs[np.sort(order[:top])], dtype=np.float32)
+        full, secs = ground_truth(name, qnets[name], x, top, cache, k=deep if len(sizes) > 1 else k)
+        truths[name, top] = full[:, :k]
+        if secs is not None:
+            timing[name] = {'n': top, 'k': int(full.shape[1]), 'ms_per_query': 1e3 * secs / len(full),
+                            'load': os.getloadavg()[0]}
+        for n in sizes:
+            if n == top:
+                continue
+            rows = np.sort(order[:n])
+            ids, ok = truth_within(np.sort(order[:top])[full], rows, k)
+            if not ok.all():  # too few of the top-`deep` in this subsample: compute those queries' truth
+                sub = np.ascontiguousarray(docs[rows], dtype=np.float32)
+                missing = np.nonzero(~ok)[0]
+                some = qnets[name][missing] if isinstance(qnets[name], np.ndarray) else \
+                    qnets[name][torch.from_numpy(missing)]
+                ids[missing], _ = ground_truth(name, some, sub, n, cache, k=k,
+                                               tag=f'-of{len(ok)}-{missing[0]}-{missing[-1]}')
+            truths[name, n] = ids
+    return truths, timing
 
 
 # ---- the million-document benchmark's inputs ----------------------------------------------------------------
@@ -264,16 +355,20 @@ def million_paths(args):
     return args
 
 
-def million_quick_setup(index, heads, docs: int, threads: int) -> None:
+def million_quick_setup(index, heads, docs: int, threads: int, names=('bebase', 'head2', 'head6', 'mhead2')) -> None:
     """Builds what ``--quick`` needs on a fresh clone, once: a ``docs``-document software-packages index
-    (``examples/index_million.py --limit``) and the heads (``benchmarks/million_heads.py --quick``), each run as
-    a user runs it."""
+    (``examples/index_million.py --limit``) and the models ``names`` not yet in ``heads`` (``million_heads.py
+    --quick``; ``untrained6`` needs none, and the deeper heads start from ``bebase-ln``), each run as a user runs it."""
     runs = []
     if not (Path(index) / 'pt_meta.json').exists():
         runs.append(['examples/index_million.py', '--limit', str(docs), '--out', str(index), '--threads', str(threads)])
-    if not all((Path(heads) / h).exists() for h in ('bebase', 'head2', 'head6', 'mhead2')):
+    wanted = [n for n in names if n != 'untrained6']
+    if any(n.startswith(('head', 'mhead')) and '-' not in n and int(n.lstrip('mhead')) > 2 for n in wanted):
+        wanted.insert(0, 'bebase-ln')
+    missing = list(dict.fromkeys(n for n in wanted if not (Path(heads) / n).exists()))
+    if missing:
         runs.append(['benchmarks/million_heads.py', '--quick', '--quiet', '--index', str(index), '--out', str(heads),
-                     '--threads', str(threads)])
+                     '--threads', str(threads), '--heads', *missing])
     for command in runs:
         print(f'python {" ".join(command)}', flush=True)
         done = subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:]], cwd=ROOT)

@@ -42,10 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import (
+    all_truths,
     cost,
+    debian_test_queries,
     default_out,
+    dot_queries,
     encode_queries,
-    ground_truth,
     load_model,
     machine,
     mean_or_none,
@@ -53,75 +55,14 @@ from common import (
     million_quick_setup,
     per_batch,
     rank_quality,
-    read_qrels,
-    read_queries,
     recall,
     rel,
+    size_order,
     timed,
 )
 
 K = 100
 QNETS = ('head2', 'head6', 'untrained6', 'mhead2', 'mhead6')
-
-
-def debian_test_queries(n: int):
-    """The first ``n`` debian test queries: ids, texts and relevant docnos."""
-    texts, relevant = read_queries(), read_qrels(split='test')
-    qids = list(relevant)[:n]
-    return qids, [texts[q] for q in qids], {q: relevant[q] for q in qids}
-
-
-def size_order(n_total: int, first: np.ndarray, debian: int, seed: int = 0) -> np.ndarray:
-    """Rows in the order subsamples take them: ``first``, then debian's other rows, then the rest (seeded)."""
-    rng = np.random.default_rng(seed)
-    rest_debian = np.setdiff1d(np.arange(debian), first)
-    return np.concatenate([first, rng.permutation(rest_debian), debian + rng.permutation(n_total - debian)])
-
-
-def bebase_queries(heads: Path, texts) -> np.ndarray:
-    from pyterrier_hypencoder.train import DotEncoder
-    model = DotEncoder.from_pretrained(heads / 'bebase', device='cpu')
-    model.eval()
-    with torch.inference_mode():
-        return np.ascontiguousarray(model.encode_queries(texts, batch_size=32).float().numpy())
-
-
-def truth_within(full_ids: np.ndarray, rows: np.ndarray):
-    """A subsample's exhaustive top-``K`` from the full corpus' top-``k'`` (``k' > K``): the first ``K`` of those the
-    subsample holds, as its local rows. Exact for the queries with at least ``K`` of them (returned as a mask)."""
-    pos = np.searchsorted(rows, full_ids)
-    held = (pos < len(rows)) & (rows[np.minimum(pos, len(rows) - 1)] == full_ids)
-    out = np.full((len(full_ids), K), -1, dtype=np.int64)
-    ok = held.sum(1) >= K
-    for q in np.nonzero(ok)[0]:
-        out[q] = pos[q][held[q]][:K]
-    return out, ok
-
-
-def all_truths(names, qnets, vectors, order, sizes, cache: Path, deep: int) -> tuple:
-    """Every size's ground truth: the largest size's top-``deep`` computed, smaller sizes' taken from it where
-    exact, computed where not. Returns ``({(name, n): ids}, {name: seconds per query of the computed runs})``."""
-    truths, timing = {}, {}
-    top = max(sizes)
-    x = np.ascontiguousarray(vectors[np.sort(order[:top])], dtype=np.float32)
-    for name in names:
-        full, secs = ground_truth(name, qnets[name], x, top, cache, k=deep if len(sizes) > 1 else K)
-        truths[name, top] = full[:, :K]
-        if secs is not None:
-            timing[name] = {'n': top, 'k': int(full.shape[1]), 'ms_per_query': 1e3 * secs / len(full),
-                            'load': os.getloadavg()[0]}
-        for n in sizes:
-            if n == top:
-                continue
-            rows = np.sort(order[:n])
-            ids, ok = truth_within(np.sort(order[:top])[full], rows)
-            if not ok.all():  # too few of the top-`deep` in this subsample: compute those queries' truth
-                sub = np.ascontiguousarray(vectors[rows], dtype=np.float32)
-                missing = np.nonzero(~ok)[0]
-                ids[missing], _ = ground_truth(name, qnets[name][torch.from_numpy(missing)], sub, n, cache, k=K,
-                                               tag=f'-of{len(ok)}-{missing[0]}-{missing[-1]}')
-            truths[name, n] = ids
-    return truths, timing
 
 
 def faiss_bebase(x: np.ndarray, n: int, cache: Path, m: int):
@@ -228,6 +169,10 @@ def measure_cascade(name, qnets, corpus, exact, docnos, qids, rel_docs, args, ro
                     'latency_vs_full_adaptive_b1': out['adaptive_ms_b1_p50'] / row['adaptive_ms_b1_p50']})
         widths = {}
         for width in qnets.spec.widths:  # the degradation curve: exhaustive search with the q-nets cut to each width
+            if width == qnets.dim:  # full width: the ground truth and the timing of the row beside it
+                widths[width] = {'exhaustive_ms_b32': row['exhaustive_ms_b32'],
+                                 **rank_quality(exact, docnos, qids, rel_docs)}
+                continue
             cut = qnets.truncate(width)
             parts, secs = per_batch(lambda q: Exhaustive().search(q, corpus, K), cut[:args.timed_queries], 32)
             top = np.concatenate([p.ids.numpy() for p in per_batch(lambda q: Exhaustive().search(q, corpus, K), cut,
@@ -458,7 +403,7 @@ def main(argv=None) -> dict:
         return {}
     torch.set_num_threads(args.threads)
     if args.quick:
-        million_quick_setup(args.index, args.heads, args.quick_docs, args.threads)
+        million_quick_setup(args.index, args.heads, args.quick_docs, args.threads, ['bebase', *args.qnets.split(',')])
     from pyterrier_hypencoder import HypencoderIndex
     from pyterrier_hypencoder.search.modes import Corpus
     index = HypencoderIndex(args.index)
@@ -476,7 +421,7 @@ def main(argv=None) -> dict:
     names = args.qnets.split(',')
     qnets = {name: encode_queries(load_model('untrained6' if name == 'untrained6' else heads / name), texts)
              for name in names}
-    bebase = bebase_queries(heads, texts)
+    bebase = dot_queries(heads / 'bebase', texts)
     results = {'benchmark': 'million', 'argv': sys.argv[1:] if argv is None else list(argv), 'machine': machine(),
                'index': rel(Path(args.index)), 'queries': len(qids), 'k': K, 'sizes': sizes,
                'settings': {key: getattr(args, key) for key in ('n_sample', 'pool', 'n_entry', 'max_rounds',
@@ -486,7 +431,7 @@ def main(argv=None) -> dict:
                'load_before': os.getloadavg(), 'rows': [], 'builds': {}}
     started = time.time()
     vectors = index.vectors()
-    truths, results['ground_truth'] = all_truths(names, qnets, vectors, order, sizes, cache, args.deep_truth)
+    truths, results['ground_truth'] = all_truths(names, qnets, vectors, order, sizes, cache, args.deep_truth, K)
     if args.truth_only:  # e.g. ahead of the timed run, while the machine is busy with something else
         print(f'ground truth cached in {rel(cache)}')
         return results

@@ -30,6 +30,18 @@ def topics_of(queries: pd.DataFrame, qrels: pd.DataFrame) -> pd.DataFrame:
     return queries[queries['qid'].isin(set(qrels['qid']))].reset_index(drop=True)
 
 
+def head_name(name: str, default_start: str):
+    """``(q-net layers, warm start)`` of a head's name: ``headL`` / ``mheadL`` start from ``default_start``,
+    ``headL-cosine`` / ``headL-standardised`` from the start they name; BE-Base names give ``(None, None)``."""
+    match = re.fullmatch(r'm?head(\d+)(?:-(cosine|standardised))?', name)
+    if name in ('bebase', 'bebase-ln'):
+        return None, None
+    if not match:
+        raise SystemExit(f'unknown head {name!r}: bebase, bebase-ln, headL, mheadL or headL-cosine / '
+                         'headL-standardised (L q-net layers)')
+    return int(match.group(1)), match.group(2) or default_start
+
+
 def debian_vectors(args, corpus: pd.DataFrame):
     """The debian documents the benchmark's index holds (all of them, but for a ``--quick`` index) and their
     vectors, in corpus order, read from the index (or from the raw vector file of one still being written)."""
@@ -90,14 +102,16 @@ def train_heads(args) -> dict:
     for name in args.heads:
         # mheadL: the headL recipe (same start, learning rates and data) trained nested at --matryoshka-widths
         nested = name.startswith('mhead')
-        layers = int(name[len('mhead' if nested else 'head'):]) if name.startswith(('head', 'mhead')) else None
+        layers, start = head_name(name, args.start)
+        # deeper heads start from the trained bebase-ln (--deep-start dot) unless their name says which start
+        from_dot = layers is not None and layers > 2 and args.deep_start == 'dot' and '-' not in name
         if name == 'bebase':  # BE-Base: MiniLM's cosine with a learned query projection, the inner-product bar
             model = DotEncoder.from_backbone(backbone, pooling='mean', normalize=True, query_max_length=64,
                                              doc_max_length=256, device='cpu')
         elif name == 'bebase-ln':  # BE-Base with standardised vectors: what a q-net can start from exactly
             model = DotEncoder.from_backbone(backbone, pooling='mean', query_norm=True, doc_norm=True,
                                              query_max_length=64, doc_max_length=256, device='cpu')
-        elif layers > 2 and args.deep_start == 'dot':
+        elif from_dot:
             # Trained from MiniLM's cosine, the 6-layer head lost dev RR@10 at every lr tried (3e-5: test nDCG@10
             # 0.630, 0.03 below the 2-layer head; 1e-4: 0.596); started as the trained BE-Base (LN) it begins where
             # BE-Base is, and training (best dev checkpoint kept) can only add to that on dev.
@@ -106,7 +120,7 @@ def train_heads(args) -> dict:
             model = warm_start_from_dot(DotEncoder.from_pretrained(out / 'bebase-ln', device='cpu'), qnet_layers=layers)
         else:
             model = warm_start_hypencoder(backbone, qnet_layers=layers, query_max_length=64, doc_max_length=256,
-                                          start=args.start, device='cpu')
+                                          start=start, device='cpu')
         lr = args.be_lr if layers is None else args.lr if layers <= 2 else args.deep_lr
         config = TrainConfig(steps=args.steps, batch_size=32, num_negatives=7, lr=lr, warmup_steps=args.steps // 6,
                              eval_every=max(1, args.steps // 2), loss='ce', head_only=True, seed=0, metric='RR@10',
@@ -123,8 +137,7 @@ def train_heads(args) -> dict:
         curve = [[h['step'], round(h['RR@10'], 4)] for h in trainer.state.history if 'RR@10' in h]
         report['heads'][name] = {'qnet_layers': layers, 'lr': lr, 'hidden_lr_scale': config.hidden_lr_scale,
                                  'temperature': trainer.temperature,
-                                 'start': ('bebase-ln' if layers and layers > 2 and args.deep_start == 'dot' else
-                                           args.start if layers else None),
+                                 'start': 'bebase-ln' if from_dot else start,
                                  'matryoshka_widths': list(model.matryoshka_widths) if layers else [],
                                  'steps': args.steps, 'train_seconds': round(seconds, 1),
                                  'dev_curve': curve, 'test_queries': len(test), **figures}
@@ -150,7 +163,8 @@ def parse_args(argv=None):
     parser.add_argument('--out', default=None, help='folder for the heads (default .cache/million/heads)')
     parser.add_argument('--heads', nargs='+', default=None,
                         help='bebase (BE-Base, cosine), bebase-ln (BE-Base, standardised vectors), headL (a '
-                             'Hypencoder head with an L-layer q-net) and/or mheadL (headL trained at nested widths); '
+                             'Hypencoder head with an L-layer q-net; headL-cosine / headL-standardised name its warm '
+                             'start) and/or mheadL (headL trained at nested widths); '
                              'default: bebase bebase-ln head2 head6 mhead2 mhead6 (--quick: all but mhead6)')
     parser.add_argument('--matryoshka-widths', type=lambda s: [int(w) for w in s.split(',')], default=[48, 96, 192, 384],
                         help='the nested widths of the mheadL heads (default: %(default)s)')

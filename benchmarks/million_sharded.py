@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
     from pyterrier_hypencoder.distributed.shards import LocalShards
     from pyterrier_hypencoder.search.modes import Corpus
     if args.quick:
-        million_quick_setup(args.index, args.heads, args.quick_docs, args.threads)
+        million_quick_setup(args.index, args.heads, args.quick_docs, args.threads, args.qnets.split(','))
     index = HypencoderIndex(args.index)
     if not index.built():
         raise SystemExit(f'no index at {args.index}: build it with python examples/index_million.py (or pass --quick)')

@@ -20,8 +20,10 @@ declare -A RUNS=(
   [million]="benchmarks/million.py --quick"
   [million_sharded]="benchmarks/million_sharded.py --quick"
   [million_heads]="benchmarks/million_heads.py --quick"
+  [quality_by_size]="benchmarks/quality_by_size.py --quick"
 )
-ORDER=(gpu_check encoding qnet_throughput graph_build walk walk_report ip_index_crossover million million_sharded million_heads)
+ORDER=(gpu_check encoding qnet_throughput graph_build walk walk_report ip_index_crossover million million_sharded million_heads
+  quality_by_size)
 [ $# -gt 0 ] && ORDER=("$@")
 summary=()
 for name in "${ORDER[@]}"; do

@@ -6,6 +6,7 @@ package root sit above it. Transformers validate their input with ``pt.validate`
 
 - :mod:`.retriever`: :class:`HypencoderRetriever` (first-stage retrieval in four modes).
 - :mod:`.reranker`: :class:`HypencoderReranker` (scores the documents of a result frame).
+- :mod:`.support`: what those two share (progress bar, width check, warnings and errors that explain mistakes).
 - :mod:`.indexer`: :class:`HypencoderIndexer`; :mod:`.sharded_indexer`: :class:`ShardedHypencoderIndexer`.
 - :mod:`.artifacts`: :class:`HypencoderIndex` and :class:`ShardedHypencoderIndex`, the artifacts that hand out
   retrievers, rerankers and indexers.

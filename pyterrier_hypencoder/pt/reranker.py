@@ -17,7 +17,7 @@ from ..index.open import open_index
 from ..index.sharded import ShardedIndexFiles
 from ..model.hypencoder import load_model
 from ..model.qnet import QNets
-from .retriever import check_widths, explain_missing_query, progress, warn_untrained
+from .support import check_widths, explain_missing_query, progress, warn_untrained
 
 __all__ = ['HypencoderReranker']
 
@@ -77,7 +77,7 @@ class HypencoderReranker(pt.Transformer):
                 (default): the full q-nets.
             verbose: a progress bar over the documents re-ranked (without an index it moves as their texts are
                 encoded): True always, False never, None (default) from its first update after
-                :data:`~pyterrier_hypencoder.pt.retriever.PROGRESS_DELAY_S` seconds (re-ranking a topic set's
+                :data:`~pyterrier_hypencoder.pt.support.PROGRESS_DELAY_S` seconds (re-ranking a topic set's
                 candidates from their text takes minutes on a CPU).
 
         Raises:

@@ -204,7 +204,7 @@ def test_dataset_readers(common, tmp_path):
 def test_debian_test_queries_are_the_first_judged_ones(common):
     if not (DATASETS / 'debian-packages' / 'qrels' / 'test.tsv').exists():
         pytest.skip('debian-packages is not in the shared datasets')
-    qids, texts, relevant = load_script('benchmarks', 'million').debian_test_queries(3)
+    qids, texts, relevant = common.debian_test_queries(3)
     first = [line.split('\t')[0] for line in (DATASETS / 'debian-packages' / 'qrels' / 'test.tsv')
              .read_text().splitlines()[1:4]]
     assert qids == first and len(texts) == 3 and all(len(relevant[q]) == 1 for q in qids)
@@ -266,3 +266,30 @@ def test_walk_end_to_end_on_a_tiny_corpus(tiny_model, tmp_path):
             assert 0 < r['docs'] <= int(n) and 0 <= r['recall@10'] <= 1 and r['ms'] > 0
         assert rows[2]['docs'] == 64  # surrogate: its sample and its top n_entry, no more
         assert rows[3]['docs'] <= 32 + 3 * 16  # adaptive: the sample and at most 3 rounds
+
+
+def test_paired_test(common):
+    rng = np.random.default_rng(0)
+    a = rng.random(200)
+    assert common.paired_test(a, a, trials=500) == 1.0  # no difference: every sign flip is as large
+    assert common.paired_test(a + 0.1, a, trials=500) == 1 / 501  # a constant shift: none is
+    b = a + rng.normal(0, 0.3, 200)  # noise around no difference: not significant, and symmetric
+    assert common.paired_test(a, b, trials=2000) > 0.05
+    assert common.paired_test(a, b, trials=2000) == common.paired_test(b, a, trials=2000)
+
+
+def test_subsample_truths_match_exhaustive_search(common, tmp_path):
+    # Every size's top-k, derived from the largest size's deeper top-k where exact, equals a fresh exhaustive search
+    # of the subsample; for q-nets and for inner-product query vectors (ranked by FAISS's flat index) alike.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    order = common.size_order(400, np.array([3, 7]), debian=100)
+    assert sorted(order.tolist()) == list(range(400)) and order[:2].tolist() == [3, 7]
+    assert set(order[:100].tolist()) == set(range(100))  # the judged rows, then the rest of debian's, then others
+    dense = rng.standard_normal((5, 8)).astype(np.float32)
+    queries = {'q': random_qnets(5, [8, 8, 1]), 'dot': dense}
+    truths, _ = common.all_truths(['q', 'dot'], queries, x, order, [50, 200, 400], tmp_path, deep=30, k=5)
+    for n in (50, 200, 400):
+        sub = torch.from_numpy(x[np.sort(order[:n])])
+        assert (truths['q', n] == torch.topk(queries['q'].score(sub), 5).indices.numpy()).all()
+        assert (truths['dot', n] == np.argsort(-(dense @ sub.numpy().T), axis=1)[:, :5]).all()

@@ -11,6 +11,7 @@ from helpers import short_docs
 import pyterrier_hypencoder.pt.indexer as indexer_module
 import pyterrier_hypencoder.pt.reranker as reranker_module
 import pyterrier_hypencoder.pt.retriever as retriever_module
+import pyterrier_hypencoder.pt.support as support_module
 from pyterrier_hypencoder import Hypencoder, HypencoderIndexer, HypencoderReranker, HypencoderRetriever
 from pyterrier_hypencoder.train import TrainConfig, Trainer, warm_start_hypencoder
 
@@ -149,7 +150,7 @@ def test_progress_appears_when_a_call_takes_long(tiny_model, small_index, capsys
     capsys.readouterr()
     reranker(retriever(TOPICS))
     assert capsys.readouterr().err == ''  # quick calls print nothing
-    monkeypatch.setattr(retriever_module, 'PROGRESS_DELAY_S', 0.0)  # as if each call took long
+    monkeypatch.setattr(support_module, 'PROGRESS_DELAY_S', 0.0)  # as if each call took long
     reranker(retriever(TOPICS))
     err = capsys.readouterr().err
     assert 'HypencoderRetriever' in err and '2/2 [' in err  # queries
