@@ -66,11 +66,11 @@ def finished_docs(folder: Path, vectors, chunk: int = 1 << 16) -> np.ndarray:
 
 def compare(figures: dict, names, trials: int) -> dict:
     """Each Hypencoder against the best BE-Base (by mean RR@10) at one size: mean differences and paired p-values."""
-    dots = [n for n in names if is_dot(n)]
+    dots = [n for n in names if is_dot(n) and n in figures]
     best_dot = max(dots, key=lambda n: figures[n]['rr@10'].mean()) if dots else None
     out = {'best_bebase': best_dot, 'heads': {}}
     for name in names:
-        if is_dot(name) or best_dot is None:
+        if is_dot(name) or best_dot is None or name not in figures:
             continue
         out['heads'][name] = {m: {'diff': float(figures[name][m].mean() - figures[best_dot][m].mean()),
                                   'p': paired_test(figures[name][m], figures[best_dot][m], trials)} for m in MEASURES}
@@ -87,7 +87,8 @@ def plot(results: dict, path: Path) -> None:
     sizes = results['sizes']
     for name in results['models']:
         style = '--' if is_dot(name) else '-'
-        ax.plot(sizes, [results['by_size'][str(n)]['models'][name]['rr@10'] for n in sizes], style, marker='o',
+        mine = [n for n in sizes if name in results['by_size'][str(n)]['models']]
+        ax.plot(mine, [results['by_size'][str(n)]['models'][name]['rr@10'] for n in mine], style, marker='o',
                 label=LABELS.get(name, name))
     ax.set_xscale('log')
     ax.set_xticks(sizes, [f'{n:,}' for n in sizes], fontsize=7)
@@ -117,9 +118,13 @@ def report(results: dict) -> str:
              '|---' * (1 + len(names) + len(heads)) + '|']
     for n in results['sizes']:
         row = results['by_size'][str(n)]
-        cells = [f'{row["models"][name]["rr@10"]:.4f} / {row["models"][name]["ndcg@10"]:.4f}' for name in names]
+        cells = [f'{row["models"][name]["rr@10"]:.4f} / {row["models"][name]["ndcg@10"]:.4f}'
+                 if name in row['models'] else '-' for name in names]
         for name in heads:
-            c = row['compare']['heads'][name]
+            c = row['compare']['heads'].get(name)
+            if c is None:  # not searched at this size (--cap)
+                cells.append('-')
+                continue
             cells.append(' / '.join(('**{:+.4f} ({:.3g})**' if c[x]['p'] < 0.05 else '{:+.4f} ({:.3g})').format(
                 c[x]['diff'], c[x]['p']) for x in MEASURES))
         lines.append(f'| {n:,} | ' + ' | '.join(cells) + ' |')
@@ -137,6 +142,10 @@ def parse_args(argv=None):
     parser.add_argument('--sizes', default='10000,100000,300000,906627')
     parser.add_argument('--models', default=','.join(MODELS),
                         help='bebase, bebase-ln and heads (headL, headL-cosine, mheadL) in --heads')
+    parser.add_argument('--cap', default={}, metavar='NAME=N[,NAME=N]',
+                        type=lambda v: {k: int(n) for k, n in (part.split('=') for part in v.split(',') if part)},
+                        help='search these models at sizes up to N only (exhaustive search of a q-net at 906,627 '
+                             'documents takes about half an hour per 500 queries on 2 cores)')
     parser.add_argument('--queries', type=int, default=500)
     parser.add_argument('--deep', type=int, default=2000,
                         help='exhaustive top-k computed at the largest size; smaller sizes take their top 10 from it')
@@ -185,7 +194,12 @@ def main(argv=None) -> dict:
             queries[name], docs[name] = dot_queries(heads / name, texts), finished_docs(heads / name, vectors)
         else:  # a Hypencoder's document vectors are the pooled vectors themselves
             queries[name], docs[name] = encode_queries(load_model(heads / name), texts), vectors
-    truths, timing = all_truths(names, queries, docs, order, sizes, cache, args.deep, K)
+    truths, timing = {}, {}
+    for name in names:  # each model up to its --cap (default: every size)
+        mine = [n for n in sizes if n <= args.cap.get(name, n)]
+        found, secs = all_truths([name], queries, docs, order, mine, cache, args.deep, K)
+        truths.update(found)
+        timing.update(secs)
     results = {'benchmark': 'quality_by_size', 'argv': sys.argv[1:] if argv is None else list(argv),
                'machine': machine(), 'index': rel(Path(args.index)), 'queries': len(qids), 'models': names,
                'sizes': sizes, 'deep': args.deep, 'trials': args.trials, 'ground_truth': timing,
@@ -193,7 +207,8 @@ def main(argv=None) -> dict:
                'by_size': {}}
     for n in sizes:
         docnos = docnos_all[np.sort(order[:n])]
-        figures = {name: rank_quality(truths[name, n], docnos, qids, rel_docs, per_query=True) for name in names}
+        figures = {name: rank_quality(truths[name, n], docnos, qids, rel_docs, per_query=True) for name in names
+                   if (name, n) in truths}
         results['by_size'][str(n)] = {
             'models': {name: {m: float(v.mean()) for m, v in f.items()} for name, f in figures.items()},
             'compare': compare(figures, names, args.trials),
