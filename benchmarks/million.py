@@ -150,7 +150,7 @@ def measure_cascade(name, qnets, corpus, exact, docnos, qids, rel_docs, args, ro
     from pyterrier_hypencoder.search.modes import Exhaustive
     narrow = args.cascade_width or qnets.dim // 4
     mode = dataclasses.replace(adaptive_mode(args, name), cascade_width=narrow, rescore=args.rescore)
-    out = {'qnet': f'{name}-cascade', 'n': len(corpus), 'cascade_width': narrow, 'rescore': args.rescore or 2 * K}
+    out = {'qnet': f'{name}-cascade', 'n': len(corpus), 'cascade_width': narrow, 'rescore': mode.rescored(K)}
     with torch.inference_mode():
         runs = {}
         for batch in (32, 1):
@@ -376,7 +376,7 @@ def parse_args(argv=None):
     parser.add_argument('--cascade-width', type=int, default=None,
                         help='Matryoshka heads (mheadL): the cascade\'s narrow width (default: a quarter of the full one)')
     parser.add_argument('--rescore', type=int, default=None,
-                        help='Matryoshka heads: narrow candidates re-scored at full width (default: 2 x 100)')
+                        help='Matryoshka heads: narrow candidates re-scored at full width (default: the mode\'s, 5 x 100)')
     parser.add_argument('--qnet-settings', type=json.loads, default={},
                         help='per q-net overrides of the adaptive settings as JSON, e.g. '
                              '\'{"untrained6": {"pool": 2048, "refreshes": 4}}\'')

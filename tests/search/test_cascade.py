@@ -89,7 +89,7 @@ def test_narrow_q_nets_that_rank_as_the_full_ones_lose_nothing(vectors):
     qnets = nested_qnets(8, seed=2, noise=0.0)
     corpus = Corpus(vectors)
     got = Adaptive(cascade_width=8).search(qnets, corpus, K)
-    narrow = Adaptive(stop_k=K).search(qnets.truncate(8), corpus, 2 * K)
+    narrow = Adaptive(stop_k=K).search(qnets.truncate(8), corpus, Adaptive(cascade_width=8).rescored(K))
     assert [set(a) for a in got.ids.tolist()] == [set(a[:K]) for a in narrow.ids.tolist()]
 
 
