@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -245,10 +246,12 @@ def encode_queries(model, texts):
         return model.encode_queries(texts, batch_size=32)
 
 
-def dot_queries(folder, texts) -> np.ndarray:
-    """The query vectors of an inner-product model saved by ``DotEncoder.save_pretrained`` (e.g. BE-Base), float32."""
+def dot_queries(model, texts) -> np.ndarray:
+    """The query vectors of an inner-product model (e.g. BE-Base): a ``DotEncoder`` or the folder one was saved to
+    with ``save_pretrained``; float32."""
     from pyterrier_hypencoder.train import DotEncoder
-    model = DotEncoder.from_pretrained(folder, device='cpu')
+    if not isinstance(model, DotEncoder):
+        model = DotEncoder.from_pretrained(model, device='cpu')
     model.eval()
     with torch.inference_mode():
         return np.ascontiguousarray(model.encode_queries(texts, batch_size=32).float().numpy())
@@ -355,6 +358,25 @@ def million_paths(args):
     return args
 
 
+def head_name(name: str, default_start: str):
+    """``(q-net layers, warm start)`` of a head's name: ``headL`` / ``mheadL`` start from ``default_start``,
+    ``headL-cosine`` / ``headL-standardised`` from the start they name; BE-Base names give ``(None, None)``."""
+    match = re.fullmatch(r'm?head(\d+)(?:-(cosine|standardised))?', name)
+    if name in ('bebase', 'bebase-ln'):
+        return None, None
+    if not match:
+        raise SystemExit(f'unknown head {name!r}: bebase, bebase-ln, headL, mheadL or headL-cosine / '
+                         'headL-standardised (L q-net layers)')
+    return int(match.group(1)), match.group(2) or default_start
+
+
+def starts_from_dot(name: str, deep_start: str = 'dot') -> bool:
+    """Whether ``million_heads.py`` starts head ``name`` from the trained ``bebase-ln`` (``warm_start_from_dot``):
+    heads deeper than 2 layers do, under ``--deep-start dot``, unless their name says which start."""
+    layers = head_name(name, 'standardised')[0] if name != 'untrained6' else None
+    return layers is not None and layers > 2 and deep_start == 'dot' and '-' not in name
+
+
 def million_quick_setup(index, heads, docs: int, threads: int, names=('bebase', 'head2', 'head6', 'mhead2')) -> None:
     """Builds what ``--quick`` needs on a fresh clone, once: a ``docs``-document software-packages index
     (``examples/index_million.py --limit``) and the models ``names`` not yet in ``heads`` (``million_heads.py
@@ -363,7 +385,7 @@ def million_quick_setup(index, heads, docs: int, threads: int, names=('bebase', 
     if not (Path(index) / 'pt_meta.json').exists():
         runs.append(['examples/index_million.py', '--limit', str(docs), '--out', str(index), '--threads', str(threads)])
     wanted = [n for n in names if n != 'untrained6']
-    if any(n.startswith(('head', 'mhead')) and '-' not in n and int(n.lstrip('mhead')) > 2 for n in wanted):
+    if any(starts_from_dot(n) for n in wanted):
         wanted.insert(0, 'bebase-ln')
     missing = list(dict.fromkeys(n for n in wanted if not (Path(heads) / n).exists()))
     if missing:

@@ -23,23 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import CACHE, DEBIAN, minilm_path
+from common import CACHE, DEBIAN, head_name, minilm_path, starts_from_dot
 
 
 def topics_of(queries: pd.DataFrame, qrels: pd.DataFrame) -> pd.DataFrame:
     return queries[queries['qid'].isin(set(qrels['qid']))].reset_index(drop=True)
-
-
-def head_name(name: str, default_start: str):
-    """``(q-net layers, warm start)`` of a head's name: ``headL`` / ``mheadL`` start from ``default_start``,
-    ``headL-cosine`` / ``headL-standardised`` from the start they name; BE-Base names give ``(None, None)``."""
-    match = re.fullmatch(r'm?head(\d+)(?:-(cosine|standardised))?', name)
-    if name in ('bebase', 'bebase-ln'):
-        return None, None
-    if not match:
-        raise SystemExit(f'unknown head {name!r}: bebase, bebase-ln, headL, mheadL or headL-cosine / '
-                         'headL-standardised (L q-net layers)')
-    return int(match.group(1)), match.group(2) or default_start
 
 
 def debian_vectors(args, corpus: pd.DataFrame):
@@ -103,8 +91,7 @@ def train_heads(args) -> dict:
         # mheadL: the headL recipe (same start, learning rates and data) trained nested at --matryoshka-widths
         nested = name.startswith('mhead')
         layers, start = head_name(name, args.start)
-        # deeper heads start from the trained bebase-ln (--deep-start dot) unless their name says which start
-        from_dot = layers is not None and layers > 2 and args.deep_start == 'dot' and '-' not in name
+        from_dot = starts_from_dot(name, args.deep_start)
         if name == 'bebase':  # BE-Base: MiniLM's cosine with a learned query projection, the inner-product bar
             model = DotEncoder.from_backbone(backbone, pooling='mean', normalize=True, query_max_length=64,
                                              doc_max_length=256, device='cpu')

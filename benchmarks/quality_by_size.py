@@ -52,11 +52,9 @@ def is_dot(name: str) -> bool:
     return name.startswith('bebase')
 
 
-def finished_docs(folder: Path, vectors, chunk: int = 1 << 16) -> np.ndarray:
+def finished_docs(model, vectors, chunk: int = 1 << 16) -> np.ndarray:
     """An inner-product model's document vectors (``DotEncoder.finish_docs``: normalised or standardised) of the
     index's pooled vectors, float32, chunk by chunk."""
-    from pyterrier_hypencoder.train import DotEncoder
-    model = DotEncoder.from_pretrained(folder, device='cpu')
     out = np.empty(vectors.shape, dtype=np.float32)
     with torch.inference_mode():
         for s in range(0, len(vectors), chunk):
@@ -132,6 +130,14 @@ def report(results: dict) -> str:
                               'randomisation test against the best BE-Base at that size).'])
 
 
+def caps(value: str) -> dict:
+    """``--cap``'s ``NAME=N[,NAME=N]`` as ``{name: n}``."""
+    try:
+        return {name: int(n) for name, n in (part.split('=') for part in value.split(',') if part)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r}: give NAME=N pairs, e.g. head2-cosine=300000') from None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--index', default=None, help='default .cache/million/minilm-mean256.hyp')
@@ -143,7 +149,7 @@ def parse_args(argv=None):
     parser.add_argument('--models', default=','.join(MODELS),
                         help='bebase, bebase-ln and heads (headL, headL-cosine, mheadL) in --heads')
     parser.add_argument('--cap', default={}, metavar='NAME=N[,NAME=N]',
-                        type=lambda v: {k: int(n) for k, n in (part.split('=') for part in v.split(',') if part)},
+                        type=caps,
                         help='search these models at sizes up to N only (exhaustive search of a q-net at 906,627 '
                              'documents takes about half an hour per 500 queries on 2 cores)')
     parser.add_argument('--queries', type=int, default=500)
@@ -155,6 +161,9 @@ def parse_args(argv=None):
     parser.add_argument('--quick-docs', type=int, default=12000)
     parser.add_argument('--report', default=None, metavar='JSON', help='print an earlier run\'s table, and stop')
     args = million_paths(parser.parse_args(argv))
+    unknown = sorted(set(args.cap) - set(args.models.split(',')))
+    if unknown:
+        parser.error(f'--cap names {", ".join(unknown)}, which --models does not search ({args.models})')
     if args.quick:
         args.sizes, args.queries = '3000,6000,12000', 100
     args.out = default_out(args.out, args.quick, 'quality_by_size.json', 'million-quick/quality_by_size.json')
@@ -171,6 +180,7 @@ def main(argv=None) -> dict:
     if args.quick:
         million_quick_setup(args.index, args.heads, args.quick_docs, args.threads, names)
     from pyterrier_hypencoder import HypencoderIndex
+    from pyterrier_hypencoder.train import DotEncoder
     index = HypencoderIndex(args.index)
     if not index.built():
         raise SystemExit(f'no index at {args.index}: build it with python examples/index_million.py (or pass --quick)')
@@ -191,7 +201,8 @@ def main(argv=None) -> dict:
     queries, docs = {}, {}
     for name in names:
         if is_dot(name):
-            queries[name], docs[name] = dot_queries(heads / name, texts), finished_docs(heads / name, vectors)
+            model = DotEncoder.from_pretrained(heads / name, device='cpu')
+            queries[name], docs[name] = dot_queries(model, texts), finished_docs(model, vectors)
         else:  # a Hypencoder's document vectors are the pooled vectors themselves
             queries[name], docs[name] = encode_queries(load_model(heads / name), texts), vectors
     truths, timing = {}, {}

@@ -293,3 +293,15 @@ def test_subsample_truths_match_exhaustive_search(common, tmp_path):
         sub = torch.from_numpy(x[np.sort(order[:n])])
         assert (truths['q', n] == torch.topk(queries['q'].score(sub), 5).indices.numpy()).all()
         assert (truths['dot', n] == np.argsort(-(dense @ sub.numpy().T), axis=1)[:, :5]).all()
+
+
+def test_head_names_say_layers_and_start(common):
+    assert common.head_name('head2', 'standardised') == (2, 'standardised')
+    assert common.head_name('head6-cosine', 'standardised') == (6, 'cosine')
+    assert common.head_name('bebase-ln', 'cosine') == (None, None)
+    with pytest.raises(SystemExit, match='unknown head'):
+        common.head_name('hed2', 'cosine')
+    # Deeper heads start from the trained bebase-ln unless their name, or --deep-start, says otherwise.
+    assert common.starts_from_dot('head6') and common.starts_from_dot('mhead6')
+    assert not any(map(common.starts_from_dot, ['head2', 'head6-cosine', 'bebase', 'untrained6']))
+    assert not common.starts_from_dot('head6', deep_start='cosine')
