@@ -1,14 +1,17 @@
 """The q-nets of the million-document benchmark: Hypencoder heads trained on debian-packages' training queries.
 
-Two Hypencoder heads on frozen all-MiniLM-L6-v2 (mean pooling, documents cut at 256 tokens), trained head-only with
-BM25 hard negatives (cross-entropy over 1 positive and 7 negatives): a 2-layer q-net started from MiniLM's own cosine
-(``warm_start_hypencoder``, lr 3e-5, the settings ``experiments/debian_scaling.py`` chose on dev), and a 6-layer one
-started as ``bebase-ln``, a trained BE-Base over standardised vectors (``warm_start_from_dot``: its extra blocks
-start as identities; lr 1e-4, and 1e-8 for the hidden blocks, see ``--hidden-lr-scale``). Beside them ``bebase``
-(cosine, learned query projection, lr 3e-4), the inner-product model whose FAISS search is the benchmark's bar. The
-best dev checkpoint of each is kept. The document vectors come from the index being benchmarked (its first 45,741
-rows: debian-packages' corpus), so nothing is encoded twice. Each model is saved with ``save_pretrained`` and its
-debian test figures (exhaustive over the 45,741 documents) go to ``heads.json``.
+Hypencoder heads on frozen all-MiniLM-L6-v2 (mean pooling, documents cut at 256 tokens), trained head-only with
+BM25 hard negatives (cross-entropy over 1 positive and 7 negatives): ``head2``, a 2-layer q-net started as MiniLM's
+standardised similarity (``warm_start_hypencoder``'s default start, lr 3e-5; ``head2-cosine``: the cosine start),
+and ``head6``, a 6-layer one started as ``bebase-ln``, a trained BE-Base over standardised vectors
+(``warm_start_from_dot``: its extra blocks start as identities; lr 1e-4, and 1e-8 for the hidden blocks, see
+``--hidden-lr-scale``). ``mheadL`` is ``headL`` trained at nested Matryoshka widths, its hidden units started on the
+documents' principal axes (``principal_axes_of=``: the full width scores as ``headL``'s start, a cut q-net starts
+from the leading axes). Beside them ``bebase`` (cosine, learned query projection, lr 3e-4), the inner-product model
+whose FAISS search is the benchmark's bar. The best dev checkpoint of each is kept. The document vectors come from
+the index being benchmarked (its first 45,741 rows: debian-packages' corpus), so nothing is encoded twice. Each
+model is saved with ``save_pretrained`` and its debian test figures (exhaustive over the 45,741 documents) go to
+``heads.json``.
 
     python benchmarks/million_heads.py --index .cache/million/minilm-mean256.hyp --out .cache/million/heads
     python benchmarks/million_heads.py --quick   # 60 steps on 2,000 training queries, into .cache/million-quick
@@ -92,6 +95,8 @@ def train_heads(args) -> dict:
         nested = name.startswith('mhead')
         layers, start = head_name(name, args.start)
         from_dot = starts_from_dot(name, args.deep_start)
+        # nested heads: hidden units on the documents' principal axes, so that every cut width starts well
+        axes = vectors if nested and args.principal_axes else None
         if name == 'bebase':  # BE-Base: MiniLM's cosine with a learned query projection, the inner-product bar
             model = DotEncoder.from_backbone(backbone, pooling='mean', normalize=True, query_max_length=64,
                                              doc_max_length=256, device='cpu')
@@ -104,10 +109,11 @@ def train_heads(args) -> dict:
             # BE-Base is, and training (best dev checkpoint kept) can only add to that on dev.
             if not (out / 'bebase-ln').exists():
                 raise SystemExit(f'{name} starts from {out / "bebase-ln"}: train it first (--heads bebase-ln {name})')
-            model = warm_start_from_dot(DotEncoder.from_pretrained(out / 'bebase-ln', device='cpu'), qnet_layers=layers)
+            model = warm_start_from_dot(DotEncoder.from_pretrained(out / 'bebase-ln', device='cpu'), qnet_layers=layers,
+                                        principal_axes_of=axes)
         else:
             model = warm_start_hypencoder(backbone, qnet_layers=layers, query_max_length=64, doc_max_length=256,
-                                          start=start, device='cpu')
+                                          start=start, principal_axes_of=axes, device='cpu')
         lr = args.be_lr if layers is None else args.lr if layers <= 2 else args.deep_lr
         config = TrainConfig(steps=args.steps, batch_size=32, num_negatives=7, lr=lr, warmup_steps=args.steps // 6,
                              eval_every=max(1, args.steps // 2), loss='ce', head_only=True, seed=0, metric='RR@10',
@@ -124,7 +130,7 @@ def train_heads(args) -> dict:
         curve = [[h['step'], round(h['RR@10'], 4)] for h in trainer.state.history if 'RR@10' in h]
         report['heads'][name] = {'qnet_layers': layers, 'lr': lr, 'hidden_lr_scale': config.hidden_lr_scale,
                                  'temperature': trainer.temperature,
-                                 'start': 'bebase-ln' if from_dot else start,
+                                 'start': ('bebase-ln' if from_dot else start) + ('' if axes is None else '+principal-axes'),
                                  'matryoshka_widths': list(model.matryoshka_widths) if layers else [],
                                  'steps': args.steps, 'train_seconds': round(seconds, 1),
                                  'dev_curve': curve, 'test_queries': len(test), **figures}
@@ -155,6 +161,9 @@ def parse_args(argv=None):
                              'default: bebase bebase-ln head2 head6 mhead2 mhead6 (--quick: all but mhead6)')
     parser.add_argument('--matryoshka-widths', type=lambda s: [int(w) for w in s.split(',')], default=[48, 96, 192, 384],
                         help='the nested widths of the mheadL heads (default: %(default)s)')
+    parser.add_argument('--no-principal-axes', dest='principal_axes', action='store_false',
+                        help='start mheadL\'s hidden units on the encoder\'s coordinates, not the documents\' principal '
+                             'axes (how results/million_heads.json\'s earlier mhead2 was started)')
     parser.add_argument('--steps', type=int, default=600)
     parser.add_argument('--lr', type=float, default=3e-5, help='learning rate of the 2-layer Hypencoder head')
     parser.add_argument('--be-lr', type=float, default=3e-4, help='learning rate of BE-Base')

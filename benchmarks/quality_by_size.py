@@ -43,7 +43,7 @@ from common import (
 )
 
 K = 10  # RR@10 and nDCG@10 need each model's exact top 10 only
-MODELS = ('bebase', 'bebase-ln', 'head2', 'head2-cosine')
+MODELS = ('bebase', 'bebase-ln', 'head2', 'head6', 'head2-cosine')
 MEASURES = ('rr@10', 'ndcg@10')
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import ir_measures
+import numpy as np
 import pyterrier as pt
 import torch
 
@@ -159,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(args):
+def _load_model(args, frame=None):
+    """The model to train; a warm-started nested head takes its principal axes from ``frame``'s documents."""
     if args.init:
         folder = resolve_folder(args.init)
         if DOT_FORMAT in read_json(folder / 'config.json'):
@@ -172,10 +174,16 @@ def _load_model(args):
     if _warm_start(args):
         return warm_start_hypencoder(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
                                      query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
+                                     principal_axes_of=_axes_sample(frame, args.seed) if _nested_start(args) else None,
                                      seed=args.seed, device=args.device)
     return Hypencoder.from_backbone(args.backbone, qnet_layers=args.qnet_layers, pooling=args.pooling,
                                     query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
                                     matryoshka_widths=args.matryoshka_widths or (), seed=args.seed, device=args.device)
+
+
+def _nested_start(args) -> bool:
+    """A new warm-started head trained at nested widths: it starts on the training documents' principal axes."""
+    return bool(args.matryoshka_widths) and not args.init and args.head == 'hypencoder' and _warm_start(args)
 
 
 def _warm_start(args) -> bool:
@@ -320,8 +328,8 @@ def _run(args, config: TrainConfig) -> int:
 def _prepare(args, config: TrainConfig, output: Path) -> Trainer:
     """The model, the training data and the dev set, in a trainer (nothing trained yet)."""
     verbose = not args.quiet
-    model = _load_model(args)
-
+    # loaded first, so that a bad checkpoint is named before BM25 runs; a nested warm start needs the documents
+    model = None if _nested_start(args) else _load_model(args)
     dev = None
     train_topics = None
     if args.train:
@@ -345,6 +353,8 @@ def _prepare(args, config: TrainConfig, output: Path) -> Trainer:
                 teacher(frame[['qid', 'query', 'docno', 'text']])[['qid', 'docno', 'score']], on=['qid', 'docno'])
     if args.save_train_data:
         D.save_frame(frame, args.save_train_data)
+    if model is None:
+        model = _load_model(args, frame)
     if args.dev:
         dev = D.DevSet.from_dataset(_split(args.dev, '--dev'), fields=args.fields, topics_variant=args.topics_variant)
     if args.dev_data:
@@ -355,6 +365,13 @@ def _prepare(args, config: TrainConfig, output: Path) -> Trainer:
     if verbose:
         print(trainer, file=sys.stderr)
     return trainer
+
+
+def _axes_sample(frame, seed: int, size: int = 1000) -> list:
+    """Up to ``size`` distinct training documents (seeded): enough for the leading principal axes of their vectors."""
+    texts = frame['text'].drop_duplicates().tolist()
+    order = np.random.default_rng(seed).permutation(len(texts))[:size]
+    return [texts[i] for i in sorted(order)]
 
 
 def _finish(args, config: TrainConfig, trainer: Trainer, model, output: Path) -> int:

@@ -5,6 +5,9 @@
   earlier start, about the cosine, whose residual path also passes the raw vector and so its norm).
 - :func:`warm_start_from_dot`: a trained BE-Base (:class:`~pyterrier_hypencoder.train.DotEncoder`), exactly, so
   that training can only move away from it where the data rewards that.
+
+Both take ``principal_axes_of=`` (document vectors): the hidden units then follow the documents' principal axes
+(:mod:`.principal_axes`), which changes no full-width score and gives a Matryoshka head's narrow widths their start.
 """
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ import copy
 import os
 from typing import Union
 
+import numpy as np
 import torch
 
 from ..model.hypencoder import Hypencoder
 from ..model.qnet import QNetSpec
 from .biencoder import DotEncoder
 from .config import default_temperature
+from .principal_axes import principal_rotation
 
 __all__ = ['warm_start_hypencoder', 'warm_start_from_dot']
 
@@ -38,7 +43,8 @@ STARTS = ('standardised', 'cosine')
 
 def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_layers: int = 2, *, pooling: str = 'mean',
                           query_max_length: int = 64, doc_max_length: int = 512, temperature: float = 0.05,
-                          start: str = 'standardised', seed: int = 0, device=None, dtype=None) -> Hypencoder:
+                          start: str = 'standardised', principal_axes_of=None, seed: int = 0, device=None,
+                          dtype=None) -> Hypencoder:
     """A new Hypencoder whose q-nets start out as the backbone's own similarity, ready for (head-only) training.
 
     A hyperhead initialised at random, as in the paper, first has to rediscover what the pretrained encoder
@@ -70,17 +76,26 @@ def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_la
         doc_max_length: document tokens kept.
         temperature: initial scores are about ``similarity / temperature`` (0.05: the usual contrastive scale).
         start: ``standardised`` (default) or ``cosine``, as above.
+        principal_axes_of: ``[n_docs, dim]`` document vectors of the corpus, or document texts to encode (a
+            sample of a thousand or so will do), for heads trained at nested Matryoshka widths: hidden unit ``i``
+            then carries the documents' ``i``-th principal axis rather than encoder coordinate ``i``, so a q-net cut
+            to width ``w`` starts as the correlation over the ``w - 1`` leading axes. Full-width scores are
+            unchanged. Standardised start only.
         seed: seeds the parts of the head not set here (the attention of the hidden matrices).
         device: where to put the model; None means cuda when available.
         dtype: ``fp32`` (default), ``bf16`` or ``fp16``.
 
     Raises:
-        ValueError: on ``qnet_layers < 2`` or an unknown ``start``.
+        ValueError: on ``qnet_layers < 2``, an unknown ``start``, or ``principal_axes_of`` with the cosine start
+            (whose residual path passes the raw vector, which no rotation of the hidden units leaves unchanged).
     """
     if qnet_layers < 2:
         raise ValueError(f'the warm start needs a hidden q-net block: qnet_layers >= 2, got {qnet_layers}')
     if start not in STARTS:
         raise ValueError(f'start must be one of {STARTS}; got {start!r}')
+    if principal_axes_of is not None and start == 'cosine':
+        raise ValueError("principal_axes_of needs start='standardised': the cosine start's residuals pass the raw "
+                         'vector, so rotating its hidden units would change its scores')
     base = Hypencoder.from_backbone(encoder_name_or_path, qnet_layers=qnet_layers, pooling=pooling,
                                     query_max_length=query_max_length, doc_max_length=doc_max_length, seed=seed,
                                     device='cpu')
@@ -98,8 +113,13 @@ def warm_start_hypencoder(encoder_name_or_path: Union[str, os.PathLike], qnet_la
     with torch.no_grad():
         states = model.backbone(**enc).last_hidden_state
     doc_gain = 1.0 / float(docs.std(dim=1).mean().clamp(min=1e-6))
-    shift = 4.0 * max(float(states.abs().max()), float((docs * doc_gain).abs().max()), 1.0)
-    _warm_start(model.hyperhead, 1.0 / (temperature * model.dim), doc_gain, shift, residual=start == 'cosine')
+    if principal_axes_of is not None and len(principal_axes_of) and isinstance(principal_axes_of[0], str):
+        principal_axes_of = model.encode_docs(list(principal_axes_of))
+    rotation = _rotation(principal_axes_of, model.dim)
+    shift = 4.0 * max(float(states.abs().max()), _largest_unit(docs * doc_gain, rotation),
+                      _largest_unit(principal_axes_of, rotation, doc_gain), 1.0)
+    _warm_start(model.hyperhead, 1.0 / (temperature * model.dim), doc_gain, shift, residual=start == 'cosine',
+                rotation=rotation)
     return model._place(device, dtype)
 
 
@@ -118,13 +138,30 @@ def _identity_hidden_blocks(head, hidden_bias: float) -> None:
         head.bias_hyper_projection[k].bias.zero_()
 
 
+def _rotation(doc_vectors, dim: int) -> torch.Tensor:
+    """The hidden units' rotation: principal axes of ``doc_vectors``, or the identity when None."""
+    if doc_vectors is None:
+        return torch.eye(dim, dtype=torch.float64)
+    return principal_rotation(doc_vectors, dim)
+
+
+def _largest_unit(doc_vectors, rotation: torch.Tensor, gain: float = 1.0) -> float:
+    """The largest ``|gain * R x|`` component over these documents (0 for None): what a ReLU's shift must exceed."""
+    if doc_vectors is None:
+        return 0.0
+    x = torch.as_tensor(np.asarray(doc_vectors), dtype=torch.float64)
+    return float((gain * x @ rotation.T).abs().max())
+
+
 @torch.no_grad()
-def _warm_start(head, scale: float, doc_gain: float, shift: float, hidden_bias: float = 1e-2, residual: bool = True) -> None:
+def _warm_start(head, scale: float, doc_gain: float, shift: float, hidden_bias: float = 1e-2, residual: bool = True,
+                rotation: torch.Tensor = None) -> None:
     spec = head.spec
     last = len(spec.weight_shapes) - 1
     if head.model_dim != spec.vector_dimensions[0]:
         raise ValueError('the warm start needs the q-net input size to equal the backbone hidden size')
     eye = torch.eye(head.model_dim)
+    rotation = eye if rotation is None else rotation
     _identity_hidden_blocks(head, hidden_bias)
     if not residual:
         # Without residuals a further block carries the standardised vector z itself: layer_norm(ReLU(z + b)) = z
@@ -132,15 +169,16 @@ def _warm_start(head, scale: float, doc_gain: float, shift: float, hidden_bias: 
         for k in range(1, spec.num_blocks):
             head.hyper_base_matrices[k].copy_(eye)
             head.hyper_base_vectors[k].fill_(float(head.model_dim) ** 0.5 + 1.0)
-    # first block: ReLU(doc_gain * x + shift) = doc_gain * x + shift, whose layer norm is the standardised x
-    head.hyper_base_matrices[0].copy_(eye.unsqueeze(0) * doc_gain)
+    # first block: ReLU(doc_gain * R x + shift) = doc_gain * R x + shift, whose layer norm is R times the
+    # standardised x (R fixes 1, so it commutes with the layer norm; the identity without principal axes)
+    head.hyper_base_matrices[0].copy_(rotation.unsqueeze(0) * doc_gain)
     head.hyper_base_vectors[0].fill_(shift)
     # final matrix: zero attention query = uniform attention over the query's tokens; values = states + shift pass
     # the ReLU, the layer norm standardises their mean, and the projection scales it
     head.weight_query_embeddings[last].zero_()
     head.value_projections[last].weight.copy_(eye)
     head.value_projections[last].bias.fill_(shift)
-    head.weight_hyper_projection[last].weight.copy_(eye * scale)
+    head.weight_hyper_projection[last].weight.copy_(rotation * scale)
     head.weight_hyper_projection[last].bias.zero_()
     head.hyper_base_matrices[last].zero_()
 
@@ -153,8 +191,8 @@ def _shift_for(model: Hypencoder, texts) -> float:
     return 4.0 * max(float(states.abs().max()), 1.0)
 
 
-def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: float = 1e-2, seed: int = 0,
-                        device=None, dtype=None) -> Hypencoder:
+def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: float = 1e-2, principal_axes_of=None,
+                        seed: int = 0, device=None, dtype=None) -> Hypencoder:
     """A Hypencoder whose q-nets score exactly as a trained BE-Base does, ready for training.
 
     The q-net contains BE-Base's inner product. The final matrix attends uniformly over the query's tokens (their
@@ -179,6 +217,10 @@ def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: f
         qnet_layers: q-net depth counted as in the paper (hidden blocks + final matrix); at least 2, so that
             training has a hidden block to grow into.
         hidden_bias: the hidden blocks' constant starting bias (positive, so the ReLUs pass gradients).
+        principal_axes_of: ``[n_docs, dim]`` document vectors (a sample of the corpus), for heads trained at
+            nested Matryoshka widths: the last hidden block then outputs ``R layer_norm(d)`` for the documents'
+            principal-axes rotation ``R`` and the final matrix is rotated alike, so full-width scores are still
+            BE-Base's while a q-net cut to width ``w`` starts from the ``w`` leading axes. Needs ``doc_norm=True``.
         seed: seeds the parts of the head not set here.
         device: where to put the model; None means the BE-Base's device.
         dtype: ``fp32``, ``fp64``, ``bf16`` or ``fp16``; None means the BE-Base's.
@@ -199,7 +241,11 @@ def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: f
         raise ValueError(f'the warm start needs a hidden q-net block: qnet_layers >= 2, got {qnet_layers}')
     if not hidden_bias > 0:
         raise ValueError(f'hidden_bias must be > 0 (a ReLU at 0 passes no gradient); got {hidden_bias}')
+    if principal_axes_of is not None and not dot.doc_norm:
+        raise ValueError('principal_axes_of needs a BE-Base trained with doc_norm=True: without the layer norm on '
+                         'documents no rotation of the hidden units keeps its scores')
     dim = dot.dim
+    rotation = _rotation(principal_axes_of, dim)
     # a residual on the last hidden block would add the raw vector to the standardised one
     spec = QNetSpec(vector_dimensions=(dim,) * qnet_layers + (1,), residual_on_last=not dot.doc_norm)
     model = Hypencoder(copy.deepcopy(dot.backbone), dot.tokenizer, spec, pooling='mean',
@@ -211,17 +257,18 @@ def warm_start_from_dot(dot: DotEncoder, qnet_layers: int = 2, *, hidden_bias: f
     head = model.hyperhead
     last = len(spec.weight_shapes) - 1
     projection = dot.query_projection.weight.detach() if dot.query_projection is not None else torch.eye(dim)
-    shift = _shift_for(model, _PROBE_TEXTS)
+    shift = max(_shift_for(model, _PROBE_TEXTS), 4.0 * _largest_unit(principal_axes_of, rotation))
     with torch.no_grad():
         _identity_hidden_blocks(head, hidden_bias)
         if dot.doc_norm:
-            # layer_norm(ReLU(d + s)) = layer_norm(d): the shift passes the ReLU and the layer norm removes it
-            head.hyper_base_matrices[last - 1].copy_(torch.eye(dim))
+            # layer_norm(ReLU(R d + s)) = R layer_norm(d): the shift passes the ReLU and the layer norm removes it
+            # (R fixes 1; the identity without principal axes)
+            head.hyper_base_matrices[last - 1].copy_(rotation)
             head.hyper_base_vectors[last - 1].fill_(shift)
         head.weight_query_embeddings[last].zero_()
         head.value_projections[last].weight.copy_(torch.eye(dim))
         head.value_projections[last].bias.fill_(shift)
-        head.weight_hyper_projection[last].weight.copy_(projection)
+        head.weight_hyper_projection[last].weight.copy_(rotation.to(projection) @ projection)
         head.weight_hyper_projection[last].bias.zero_()
         head.hyper_base_matrices[last].zero_()
     # The scores are BE-Base's, so training goes on at BE-Base's temperature (0.05 * dim when doc_norm=True).

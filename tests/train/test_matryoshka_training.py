@@ -15,6 +15,7 @@ from pyterrier_hypencoder.train import (
     distillation_loss,
     hard_negative_cross_entropy,
     save_frame,
+    warm_start_hypencoder,
 )
 from pyterrier_hypencoder.train.features import pad_states
 
@@ -127,8 +128,16 @@ def test_bad_widths_are_refused(tiny_bert):
         Trainer(dot, fruit_frame(), fruit_config(matryoshka_widths=[8]), verbose=False)
 
 
-def test_cli_trains_nested_widths(tiny_bert, tmp_path, capsys):
+def test_cli_trains_nested_widths(tiny_bert, tmp_path, capsys, monkeypatch):
+    from pyterrier_hypencoder.train import __main__ as cli
     from pyterrier_hypencoder.train.__main__ import main
+    seen = {}
+
+    def warm_start(*args, **kwargs):  # records what the head's start is given
+        seen.update(kwargs)
+        return warm_start_hypencoder(*args, **kwargs)
+
+    monkeypatch.setattr(cli, 'warm_start_hypencoder', warm_start)
     data = tmp_path / 'train.jsonl'
     save_frame(fruit_frame(), data)
     args = ['--backbone', str(tiny_bert), '--pooling', 'mean', '--train-data', str(data), '--output',
@@ -137,6 +146,8 @@ def test_cli_trains_nested_widths(tiny_bert, tmp_path, capsys):
     assert main(args) == 0
     model = Hypencoder.from_pretrained(json.loads(capsys.readouterr().out)['final'], device='cpu')
     assert model.matryoshka_widths == (8, 16, 32) and not model.spec.residual
+    # the nested head started on the principal axes of the training documents
+    assert sorted(seen['principal_axes_of']) == sorted(set(fruit_frame()['text']))
     with pytest.raises(SystemExit):
         main(args[:-1] + ['8,x'])
     assert 'comma-separated q-net widths' in capsys.readouterr().err
