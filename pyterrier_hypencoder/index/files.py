@@ -33,7 +33,7 @@ from .layout import (
 )
 
 __all__ = ['AUTO_IP_INDEX_DOCS', 'HypencoderIndexFiles', 'HypencoderIndexError', 'build_ip_index', 'file_stamp',
-           'was_rebuilt', 'write_docnos']
+           'read_index_meta', 'was_rebuilt', 'write_docnos']
 
 # From this many documents on, adaptive search is faster with an inner-product ANN index than ranking the whole
 # corpus by inner product every round: HypencoderIndexer(ip_index='auto') builds one, and adaptive search on a
@@ -131,23 +131,16 @@ class HypencoderIndexFiles(pta.Artifact):
     @cached_property
     def meta(self) -> Dict[str, Any]:
         """The index metadata (model, vec_size, dtype, doc_count, graph); validated against the files on disk."""
-        meta_path = self.path / META_FILE
         if not self.path.exists():
             where = f' (the relative path was taken from the working directory {self._cwd})' if self._cwd else ''
             raise HypencoderIndexError(f'no Hypencoder index at {self.path}: the folder does not exist{where}. Check the '
                                        'path, or build the index with HypencoderIndexer(model, path).index(docs).')
-        if not meta_path.exists():
-            raise HypencoderIndexError(f'no complete Hypencoder index at {self.path} (the folder exists but pt_meta.json '
-                                       'is missing, so it was never built as an index, or its build was interrupted). '
-                                       'Build it with HypencoderIndexer(model, path, overwrite=True).index(docs).')
-        try:
-            self._stamp = file_stamp(meta_path)
-            meta = read_meta(self.path)
-        except ValueError as e:
-            raise HypencoderIndexError(f'{e}; rebuild the index') from None
-        if meta.get('type') != self.ARTIFACT_TYPE or meta.get('format') != self.ARTIFACT_FORMAT:
-            kind = f'{meta.get("type")}/{meta.get("format")}'
-            raise HypencoderIndexError(f'{self.path} holds a {kind} artifact, not a Hypencoder index')
+        meta_path = self.path / META_FILE
+        meta, self._stamp = read_index_meta(
+            self, 'Hypencoder index', rebuild='rebuild the index',
+            missing=f'no complete Hypencoder index at {self.path} (the folder exists but pt_meta.json is missing, so '
+                    'it was never built as an index, or its build was interrupted). Build it with '
+                    'HypencoderIndexer(model, path, overwrite=True).index(docs).')
         missing = [key for key in ('doc_count', 'vec_size', 'dtype') if key not in meta]
         graph = meta.get('graph')
         if missing or meta.get('dtype') not in VEC_FILES or (graph and (not isinstance(graph, dict) or 'k' not in graph)):
@@ -427,6 +420,32 @@ def was_rebuilt(path: Path, stamp: Optional[tuple], what: str) -> bool:
     except FileNotFoundError:
         raise HypencoderIndexError(f'the {what} {path} was deleted (or is being replaced) while in use; rebuild it, '
                                    'or make a new retriever once it is back') from None
+
+
+def read_index_meta(artifact, what: str, *, missing: str, rebuild: str) -> tuple:
+    """An index artifact's ``pt_meta.json`` and its :func:`file_stamp`, checked to declare the artifact's own type.
+
+    Args:
+        artifact: the index (its ``path``, ``ARTIFACT_TYPE`` and ``ARTIFACT_FORMAT``).
+        what: what the index is called in messages.
+        missing: the message when there is no metadata.
+        rebuild: the fix named when the metadata is corrupt.
+
+    Raises:
+        HypencoderIndexError: no metadata, unreadable metadata, or metadata of another kind of artifact.
+    """
+    meta_path = artifact.path / META_FILE
+    if not meta_path.exists():
+        raise HypencoderIndexError(missing)
+    try:
+        stamp = file_stamp(meta_path)
+        meta = read_meta(artifact.path)
+    except ValueError as e:
+        raise HypencoderIndexError(f'{e}; {rebuild}') from None
+    if meta.get('type') != artifact.ARTIFACT_TYPE or meta.get('format') != artifact.ARTIFACT_FORMAT:
+        raise HypencoderIndexError(f'{artifact.path} holds a {meta.get("type")}/{meta.get("format")} artifact, not a '
+                                   f'{what}')
+    return meta, stamp
 
 
 def file_stamp(path: Path) -> tuple:

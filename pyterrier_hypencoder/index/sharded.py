@@ -31,7 +31,14 @@ import pyterrier as pt
 import pyterrier_alpha as pta
 
 from ..checks import check_int
-from .files import HypencoderIndexError, HypencoderIndexFiles, build_ip_index, file_stamp, was_rebuilt, write_docnos
+from .files import (
+    HypencoderIndexError,
+    HypencoderIndexFiles,
+    build_ip_index,
+    read_index_meta,
+    was_rebuilt,
+    write_docnos,
+)
 from .graph import write_graph
 from .layout import (
     DOCNOS_FILE,
@@ -40,7 +47,6 @@ from .layout import (
     PACKAGE_HINT,
     SHARDED_TYPE,
     VEC_FILES,
-    read_meta,
     shard_dirname,
     sharded_meta,
     write_meta,
@@ -81,16 +87,10 @@ class ShardedIndexFiles(pta.Artifact):
     def meta(self) -> Dict[str, Any]:
         """The manifest, checked for consistency (the shard folders themselves are checked by :meth:`validate`)."""
         meta_path = self.path / META_FILE
-        if not meta_path.exists():
-            raise HypencoderIndexError(f'no complete sharded Hypencoder index at {self.path} (pt_meta.json is missing, so '
-                                       'it was never built or its build was interrupted); build it again')
-        try:
-            self._stamp = file_stamp(meta_path)
-            meta = read_meta(self.path)
-        except ValueError as e:
-            raise HypencoderIndexError(f'{e}; rebuild the sharded index') from None
-        if meta.get('type') != self.ARTIFACT_TYPE or meta.get('format') != self.ARTIFACT_FORMAT:
-            raise HypencoderIndexError(f'{meta_path} is not the manifest of a sharded Hypencoder index')
+        meta, self._stamp = read_index_meta(
+            self, 'sharded Hypencoder index', rebuild='rebuild the sharded index',
+            missing=f'no complete sharded Hypencoder index at {self.path} (pt_meta.json is missing, so it was never '
+                    'built or its build was interrupted); build it again')
         shards = meta.get('shards')
         ok = isinstance(shards, list) and shards and all(isinstance(s, dict) and {'path', 'offset', 'count'} <= set(s)
                                                          for s in shards)
