@@ -133,7 +133,9 @@ def main(argv=None) -> dict:
         report['resumed'] = resuming
     index = HypencoderIndex(out)
     if ip_spec and not index.has_ip_index():  # an index built without one (or before this option existed)
+        added = time.time()
         index.add_ip_index(m=int(ip_spec[4:]))
+        report['ip_index_seconds'] = round(time.time() - added, 1)
     where = out.absolute()
     report.update({'index': str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else where.name,
                    'documents': len(index), 'dim': index.dim, 'dtype': index.meta['dtype'],

@@ -222,6 +222,27 @@ def test_ground_truth_is_cached_per_qnets(common, tmp_path):
     assert common.ground_truth('q', other, x, 300, tmp_path, k=5)[1] is not None
 
 
+def test_ground_truth_resumes_after_an_interruption(common, tmp_path, monkeypatch):
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    qnets = random_qnets(10, [8, 8, 1])
+    exact = torch.topk(qnets.score(torch.from_numpy(x)), 5).indices.numpy()
+    real, calls = common.timed, []
+
+    def stop_after_two(fn, q, **kw):  # the third batch is interrupted
+        calls.append(len(q))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(fn, q, **kw)
+
+    monkeypatch.setattr(common, 'timed', stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        common.ground_truth('q', qnets, x, 300, tmp_path, k=5, batch=3)
+    monkeypatch.setattr(common, 'timed', lambda fn, q, **kw: (calls.append(len(q)), real(fn, q, **kw))[1])
+    ids, seconds = common.ground_truth('q', qnets, x, 300, tmp_path, k=5, batch=3)
+    assert calls == [3, 3, 3, 3, 1] and (ids == exact).all() and seconds > 0  # batches 1-2 were not searched again
+    assert not list(tmp_path.glob('*.parts'))  # the finished result replaces the parts
+
+
 def test_paths_name_no_machine(common, tmp_path):
     assert common.rel(common.ROOT / 'benchmarks' / 'results') == 'benchmarks/results'
     assert common.rel(tmp_path / 'x.json') == 'x.json'
