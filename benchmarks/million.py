@@ -9,8 +9,9 @@ the distractors, each group in one seeded order, so every size holds the judged 
 description, so RR@10 at the larger sizes is a lower bound; recall against exhaustive search is exact.
 
 Q-nets (``benchmarks/million_heads.py``): the 2-layer and 6-layer Hypencoder heads trained on debian-packages'
-training queries (the 2-layer one from MiniLM's cosine, the 6-layer one from a trained BE-Base over standardised
-vectors, ``warm_start_from_dot``), and the untrained 6-layer q-net (a random hyperhead) as the stress case. The bar: BE-Base
+training queries (the 2-layer one from MiniLM's standardised similarity, the 6-layer one from a trained BE-Base over
+standardised vectors, ``warm_start_from_dot``), their Matryoshka versions (``mheadL``: the cascade and the width
+curve), and the untrained 6-layer q-net (a random hyperhead) as the stress case. The bar: BE-Base
 (cosine) searched by a FAISS HNSW index over the same, normalised, vectors: the very graph adaptive search draws its
 candidate pools from (``InnerProductIndex``'s cosine HNSW, M=32).
 

@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
                         'machine shared with other jobs)')
     o.add_argument('--matryoshka-widths', type=_widths, metavar='W1,W2,...',
                    help='train nested q-net widths (the Matryoshka Hypencoder), e.g. 48,96,192,384: the loss is summed '
-                        'over the q-nets cut to each width; a new hypencoder then has no q-net residuals (default: the '
+                        'over the q-nets cut to each width; a new hypencoder then has no q-net residuals, and a warm '
+                        'start puts its hidden units on the principal axes of 1,000 training documents (default: the '
                         'widths of an --init Matryoshka model, else none)')
 
     out = p.add_argument_group('output')
