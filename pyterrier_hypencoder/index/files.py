@@ -26,9 +26,10 @@ from .layout import (
     PACKAGE_HINT,
     PROBE_TEXT,
     VEC_FILES,
+    file_stamp,
     graph_dirname,
     ip_index_file,
-    read_meta,
+    read_index_meta,
     write_meta,
 )
 
@@ -420,38 +421,6 @@ def was_rebuilt(path: Path, stamp: Optional[tuple], what: str) -> bool:
     except FileNotFoundError:
         raise HypencoderIndexError(f'the {what} {path} was deleted (or is being replaced) while in use; rebuild it, '
                                    'or make a new retriever once it is back') from None
-
-
-def read_index_meta(artifact, what: str, *, missing: str, rebuild: str) -> tuple:
-    """An index artifact's ``pt_meta.json`` and its :func:`file_stamp`, checked to declare the artifact's own type.
-
-    Args:
-        artifact: the index (its ``path``, ``ARTIFACT_TYPE`` and ``ARTIFACT_FORMAT``).
-        what: what the index is called in messages.
-        missing: the message when there is no metadata.
-        rebuild: the fix named when the metadata is corrupt.
-
-    Raises:
-        HypencoderIndexError: no metadata, unreadable metadata, or metadata of another kind of artifact.
-    """
-    meta_path = artifact.path / META_FILE
-    if not meta_path.exists():
-        raise HypencoderIndexError(missing)
-    try:
-        stamp = file_stamp(meta_path)
-        meta = read_meta(artifact.path)
-    except ValueError as e:
-        raise HypencoderIndexError(f'{e}; {rebuild}') from None
-    if meta.get('type') != artifact.ARTIFACT_TYPE or meta.get('format') != artifact.ARTIFACT_FORMAT:
-        raise HypencoderIndexError(f'{artifact.path} holds a {meta.get("type")}/{meta.get("format")} artifact, not a '
-                                   f'{what}')
-    return meta, stamp
-
-
-def file_stamp(path: Path) -> tuple:
-    # A rebuilt index is a new folder moved into place, so its pt_meta.json is a new file (inode and mtime).
-    st = os.stat(path)
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _lookup_one(lookup: Lookup, docno: str) -> int:

@@ -27,9 +27,11 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from ..errors import HypencoderIndexError
+
 __all__ = ['DOCNOS_FILE', 'GRAPH_EDGES_FILE', 'GRAPH_WEIGHTS_FILE', 'INDEX_TYPE', 'FORMAT', 'META_FILE', 'PACKAGE_HINT',
-           'PROBE_TEXT', 'SHARDED_TYPE', 'VEC_FILES', 'artifact_type', 'graph_dirname', 'graph_meta', 'index_meta',
-           'ip_index_file', 'read_meta', 'shard_dirname', 'sharded_meta', 'write_meta']
+           'PROBE_TEXT', 'SHARDED_TYPE', 'VEC_FILES', 'artifact_type', 'file_stamp', 'graph_dirname', 'graph_meta',
+           'index_meta', 'ip_index_file', 'read_index_meta', 'read_meta', 'shard_dirname', 'sharded_meta', 'write_meta']
 
 META_FILE = 'pt_meta.json'
 DOCNOS_FILE = 'docnos.npids'
@@ -121,3 +123,35 @@ def artifact_type(folder: Path) -> Optional[str]:
         return read_meta(folder).get('type')
     except (OSError, ValueError):
         return None
+
+
+def read_index_meta(artifact, what: str, *, missing: str, rebuild: str) -> tuple:
+    """An index artifact's ``pt_meta.json`` and its :func:`file_stamp`, checked to declare the artifact's own type.
+
+    Args:
+        artifact: the index (its ``path``, ``ARTIFACT_TYPE`` and ``ARTIFACT_FORMAT``).
+        what: what the index is called in messages.
+        missing: the message when there is no metadata.
+        rebuild: the fix named when the metadata is corrupt.
+
+    Raises:
+        HypencoderIndexError: no metadata, unreadable metadata, or metadata of another kind of artifact.
+    """
+    meta_path = artifact.path / META_FILE
+    if not meta_path.exists():
+        raise HypencoderIndexError(missing)
+    try:
+        stamp = file_stamp(meta_path)
+        meta = read_meta(artifact.path)
+    except ValueError as e:
+        raise HypencoderIndexError(f'{e}; {rebuild}') from None
+    if meta.get('type') != artifact.ARTIFACT_TYPE or meta.get('format') != artifact.ARTIFACT_FORMAT:
+        raise HypencoderIndexError(f'{artifact.path} holds a {meta.get("type")}/{meta.get("format")} artifact, not a '
+                                   f'{what}')
+    return meta, stamp
+
+
+def file_stamp(path: Path) -> tuple:
+    # A rebuilt index is a new folder moved into place, so its pt_meta.json is a new file (inode and mtime).
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
