@@ -48,9 +48,13 @@ def principal_rotation(doc_vectors, dim: int) -> torch.Tensor:
         ``R``, with ``R @ R.T = I`` and ``R @ 1 = 1``.
 
     Raises:
-        ValueError: the vectors are not ``[n_docs, dim]`` with at least two documents, or are not finite.
+        ValueError: the vectors are not numeric, not ``[n_docs, dim]`` with at least two documents, or not finite.
     """
-    x = torch.as_tensor(np.asarray(doc_vectors), dtype=torch.float64)
+    array = np.asarray(doc_vectors)
+    if not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f'principal axes need numeric document vectors; got an array of {array.dtype}: encode texts '
+                         'first (warm_start_hypencoder encodes texts itself; warm_start_from_dot takes vectors)')
+    x = torch.as_tensor(array, dtype=torch.float64)
     if x.ndim != 2 or x.shape[1] != dim or x.shape[0] < 2:
         raise ValueError(f'principal axes need [n_docs, {dim}] document vectors with n_docs >= 2; got shape '
                          f'{tuple(x.shape)}: pass the corpus vectors the q-net will score (e.g. a sample of the index)')

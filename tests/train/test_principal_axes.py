@@ -51,7 +51,8 @@ def test_helmert_basis():
     assert torch.equal(basis[3:, 1], torch.zeros(3, dtype=torch.float64))  # column 1 lives on the first 3 units
 
 
-@pytest.mark.parametrize('bad', [np.ones((1, DIM)), np.ones((5, DIM + 1)), np.full((3, DIM), np.nan)])
+@pytest.mark.parametrize('bad', [np.ones((1, DIM)), np.ones((5, DIM + 1)), np.full((3, DIM), np.nan),
+                                 ['a text', 'another text']])
 def test_rotation_names_bad_vectors(bad):
     with pytest.raises(ValueError, match='principal axes need'):
         principal_rotation(bad, DIM)
